@@ -1,0 +1,27 @@
+# Two commands: `make run` (set up .venv, run the default job) and `make test` (set up, run tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test ui clean-outputs
+
+# Re-install when pyproject.toml changes. Needs the package index only (no other network).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/finetune $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# MLflow UI on the default local store (outputs/mlflow.db): http://127.0.0.1:5000
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --host 127.0.0.1 --port 5000
+
+clean-outputs:
+	rm -rf outputs/runs outputs/multirun outputs/cache outputs/mlflow.db outputs/mlartifacts

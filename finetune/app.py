@@ -1,0 +1,147 @@
+"""The `finetune` entrypoint: compose + validate the config, then run the selected stages inside
+one MLflow run. Each stage reads files and writes files in the run directory."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .schema import STAGES, register
+
+log = logging.getLogger("finetune")
+register()
+
+
+class ConfigError(ValueError):
+    """A config value that the schema's types cannot rule out."""
+
+
+def validate(cfg) -> None:
+    """Cross-key checks that fail fast, before data or weights are touched."""
+    from .data.prompts import STYLES
+
+    bad = [s for s in cfg.stages if s not in STAGES]
+    if bad or not cfg.stages:
+        raise ConfigError(f"stages: unknown stage(s) {bad or '[]'}; choose from {list(STAGES)}")
+    if cfg.dataset.style not in STYLES:
+        raise ConfigError(f"dataset.style: expected one of {list(STYLES)}, got {cfg.dataset.style!r}")
+    if cfg.parallel.data_parallel * cfg.parallel.model_parallel * cfg.parallel.pipeline_stage != 1:
+        raise ConfigError("parallel: only single-device runs (data_parallel=model_parallel=pipeline_stage=1) "
+                          "are implemented so far; multi-device through msrun is tracked in its own issue")
+    for key in ("train.epochs", "train.batch_size", "eval.batch_size", "parallel.gradient_accumulation_steps",
+                "model.seq_length"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}: expected >= 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise ConfigError(f"model.hidden_size={cfg.model.hidden_size} is not divisible by "
+                          f"model.num_heads={cfg.model.num_heads}")
+    if cfg.eval.num_shots < 0:
+        raise ConfigError(f"eval.num_shots: expected >= 0, got {cfg.eval.num_shots}")
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run cfg.stages in order; returns the summary (also written to run_dir/summary.json)."""
+    from .tracking import Tracker, default_uri, flatten
+
+    validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["LOCAL_DEFAULT_PATH"] = str(run_dir / "mindformers")  # MindFormers' logs + adapter_config.json
+    output_root = Path(cfg.output_root).resolve()
+    uri = cfg.tracking.uri or default_uri(output_root)
+    tracker = Tracker(uri, cfg.tracking.experiment, cfg.tracking.run_name or run_dir.name,
+                      artifact_root=output_root / "mlartifacts" if not cfg.tracking.uri else None,
+                      tags={"dataset": cfg.dataset.name, "model": cfg.model.name,
+                            "hardware": cfg.hardware.device_target, "stages": ",".join(cfg.stages),
+                            "run_dir": str(run_dir)})
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary.update({"status": "RUNNING", "stages": list(cfg.stages), "mlflow_run_id": tracker.run_id,
+                    "mlflow_uri": uri, "run_dir": str(run_dir)})
+    status = "FAILED"
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        tracker.log_params(flatten(resolved))
+        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        summary.update(run_stages(cfg, run_dir, tracker))
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        summary["status"] = status
+        write_json(summary_path, summary)
+        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        for name, sub in (("acc", summary.get("per_subject_accuracy")),
+                          ("acc_base", summary.get("per_subject_accuracy_base"))):
+            if isinstance(sub, dict):
+                tracker.log_metrics({f"{name}.{s}": v for s, v in sub.items()})
+        tracker.log_artifact(summary_path)
+        tracker.log_artifact(run_dir / "config_resolved.yaml")
+        tracker.log_artifact(run_dir / ".hydra", "hydra")
+        tracker.log_artifact(run_dir / "eval_predictions.jsonl")
+        tracker.end(status)
+    return summary
+
+
+def run_stages(cfg, run_dir: Path, tracker) -> dict:
+    """Stage order is fixed (prepare -> train -> evaluate), whatever order cfg.stages lists."""
+    from .evaluate import evaluate
+    from .model import setup_context
+    from .prepare import load_meta, prepare
+    from .tokenizer import load_tokenizer
+    from .train import train
+
+    t0 = time.time()
+    tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
+    setup_context(cfg.hardware, cfg.seed)
+    out: dict = {}
+    # Every stage needs the prepared data; without the prepare stage it must already be cached
+    # (prepare is cheap and deterministic, so it is (re)built rather than refused).
+    prepared = prepare(cfg, tok)
+    meta = load_meta(prepared)
+    out.update({"prepared_data": str(prepared), "dataset_rows": meta["dataset_rows"],
+                "train_questions": meta["train_questions"], "train_too_long": meta["train_too_long"]})
+    tracker.log_metrics({"train_questions": meta["train_questions"], "eval_questions_total": meta["eval_questions"]})
+    if "train" in cfg.stages:
+        out.update(train(cfg, run_dir, tok, prepared, tracker))
+        tracker.flush()
+    if "evaluate" in cfg.stages:
+        out.update(evaluate(cfg, run_dir, tok, prepared, tracker))
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+# conf/ sits beside the package in the repository (an editable install), found by absolute path.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Thin: resolve the run dir, run, return mc_accuracy (what a sweep optimizes)."""
+    from .data.records import DataError
+    from .model import ModelError
+    from .tokenizer import TokenizerError
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = run(cfg, run_dir)
+    except (ConfigError, DataError, ModelError, TokenizerError) as e:
+        # Known bad input: one line, no traceback; the MLflow run is already marked FAILED.
+        print(f"finetune: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    log.info("summary: %s", run_dir / "summary.json")
+    acc = summary.get("mc_accuracy")
+    return float(acc) if acc is not None else None

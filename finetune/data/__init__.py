@@ -1,0 +1,1 @@
+"""Readers for MMLU / CMMLU multiple-choice CSVs and prompt formatting."""

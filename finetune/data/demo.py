@@ -1,0 +1,143 @@
+"""The embedded demo: made-up words, a text corpus that uses them, and exam questions about them.
+
+Why this shape: LoRA cannot teach a random-init model anything (its frozen head and norms bound
+the logits; see the MindSpore notes), so the demo does what fine-tuning does on a real LLM. The
+*base* model first learns from plain text (``corpus``): each made-up word (e.g. "blickem") is
+used the way a fruit, an animal, a tool or a colour is used ("she ate a juicy blickem."), so the
+base learns, distributionally, which kind of thing each word is. The corpus also holds a few
+practice questions on another subject (arithmetic), so the base knows the exam format and the
+answer letters, but nothing of the demo subjects' questions. LoRA then teaches the exam subjects
+on the *train* words; the *test* split asks only about words that occur in no training or dev
+question, so answering them needs what the base learned from text.
+
+Each subject asks about the kind of a word with its own fixed option order, e.g. ``kind``:
+A. fruit B. animal C. tool D. colour; ``use``: A. ride it B. paint with it ... . Kinds are
+balanced, so guessing scores 25%. (Options shuffled per question would need the model to match
+option text by position, an induction-style skill a ~1M-parameter model forms too slowly.)
+"""
+from __future__ import annotations
+
+import random
+
+from .records import LETTERS, Question
+
+KINDS = ("fruit", "animal", "tool", "colour")
+
+# How a word of each kind is used in running text; {w} is the made-up word.
+CONTEXTS: dict[str, tuple[str, ...]] = {
+    "fruit": ("she ate a juicy {w}.", "the {w} tasted sweet.", "he peeled the {w} and ate it.",
+              "a ripe {w} fell from the tree.", "they made jam from the {w}."),
+    "animal": ("the {w} ran across the field.", "a hungry {w} barked at night.", "the {w} slept in its den.",
+               "we fed the little {w}.", "the {w} chased its tail."),
+    "tool": ("he fixed the chair with a {w}.", "she cut the rope with the {w}.", "the {w} hung in the shed.",
+             "use the {w} to tighten the bolt.", "the builder dropped his {w}."),
+    "colour": ("the wall was painted {w}.", "she wore a {w} dress.", "the sky turned {w} at dusk.",
+               "he mixed the paint until it was {w}.", "the flag was bright {w}."),
+}
+
+# subject -> (question template, option texts indexed like KINDS order given by `order`)
+SUBJECTS: dict[str, tuple[str, tuple[str, str, str, str]]] = {
+    # option texts in the order they appear (A, B, C, D); each names one kind.
+    "kind": ("What kind of thing is a {w}?", ("fruit", "animal", "tool", "colour")),
+    "use": ("What would you do with a {w}?", ("ride it", "paint with it", "eat it", "build with it")),
+    "place": ("Where would you find a {w}?", ("in a toolbox", "on a palette", "in a fruit bowl", "in a zoo")),
+}
+# Which kind each option of each subject stands for (same order as the option texts).
+_OPTION_KINDS = {
+    "kind": ("fruit", "animal", "tool", "colour"),
+    "use": ("animal", "colour", "fruit", "tool"),
+    "place": ("tool", "colour", "fruit", "animal"),
+}
+
+_ONSETS = ("b", "bl", "br", "d", "dr", "f", "fl", "g", "gl", "gr", "k", "kr", "l", "m", "n", "p", "pl",
+           "pr", "s", "sk", "sl", "sn", "st", "t", "tr", "v", "w", "z")
+_VOWELS = ("a", "e", "i", "o", "u", "oo", "ee", "ai")
+_CODAS = ("", "b", "d", "g", "k", "m", "n", "p", "t", "x", "sh", "nk", "rt")
+
+# A fixed pool, so the built-in tokenizer (one token per word) does not depend on dataset.seed.
+NAME_POOL_SIZE = 512
+
+
+def made_up_words(n: int, seed: int) -> list[str]:
+    """n distinct two-syllable made-up words, e.g. 'blickem'; deterministic in seed."""
+    rng = random.Random(seed)
+    names: set[str] = set()
+    while len(names) < n:
+        names.add("".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(2)) + rng.choice(_CODAS))
+    return sorted(names)
+
+
+def build_world(num_words: int, seed: int) -> dict[str, str]:
+    """word -> kind, a quarter of the words of each kind (num_words must be a multiple of 4)."""
+    if num_words % 4 or not 4 <= num_words <= NAME_POOL_SIZE:
+        raise ValueError(f"dataset.num_words: expected a multiple of 4 in [4, {NAME_POOL_SIZE}] "
+                         f"(balanced answers, fixed word pool), got {num_words}")
+    rng = random.Random(seed + 1)
+    words = sorted(rng.sample(made_up_words(NAME_POOL_SIZE, seed=0), num_words))
+    kinds = [KINDS[i % 4] for i in range(num_words)]
+    rng.shuffle(kinds)
+    return dict(zip(words, kinds))
+
+
+def practice_questions(n: int, seed: int) -> list[str]:
+    """Arithmetic questions in the MMLU format with answers, for the base corpus: they teach the
+    format and the letters. The right option's position is random, so they carry no letter bias."""
+    rng = random.Random(seed + 4)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        options = [a + b]
+        while len(options) < 4:
+            o = rng.randint(2, 18)
+            if o not in options:
+                options.append(o)
+        rng.shuffle(options)
+        lines = "\n".join(f"{letter}. {o}" for letter, o in zip(LETTERS, options))
+        out.append("The following are multiple choice questions (with answers) about arithmetic.\n\n"
+                   f"What is {a} plus {b}?\n{lines}\nAnswer: {LETTERS[options.index(a + b)]}")
+    return out
+
+
+def corpus(world: dict[str, str], seed: int, num_practice: int) -> list[str]:
+    """Every word in every context of its kind, plus practice questions, shuffled."""
+    rng = random.Random(seed + 2)
+    docs = [c.format(w=word) for word, kind in world.items() for c in CONTEXTS[kind]]
+    docs += practice_questions(num_practice, seed)
+    rng.shuffle(docs)
+    return docs
+
+
+def questions(world: dict[str, str], seed: int, test_fraction: float, dev_per_subject: int
+              ) -> dict[str, list[Question]]:
+    """Split words (not questions), so a test word occurs in no train or dev question.
+
+    train: every subject for the training words; dev: the first `dev_per_subject` of them per
+    subject (k-shot examples, as MMLU's dev split); test: every subject for the held-out words."""
+    rng = random.Random(seed + 3)
+    words = sorted(world)
+    rng.shuffle(words)
+    n_test = round(len(words) * test_fraction)
+    groups = {"test": sorted(words[:n_test]), "train": sorted(words[n_test:])}
+    out: dict[str, list[Question]] = {"train": [], "dev": [], "test": []}
+    for split, group in groups.items():
+        for subject, (template, options) in SUBJECTS.items():
+            for i, word in enumerate(group):
+                answer = LETTERS[_OPTION_KINDS[subject].index(world[word])]
+                q = Question(id=f"demo/{split}/{subject}/{i}", subject=subject, question=template.format(w=word),
+                             choices=options, answer=answer, source=f"<demo {split}>:{i + 1}")
+                out[split].append(q)
+                if split == "train" and i < dev_per_subject:
+                    out["dev"].append(Question(id=f"demo/dev/{subject}/{i}", subject=subject, question=q.question,
+                                               choices=options, answer=answer, source=f"<demo dev>:{i + 1}"))
+    return out
+
+
+def vocabulary_texts() -> list[str]:
+    """Texts whose words the built-in tokenizer makes single tokens: every word of the pool and
+    every word the corpus, the questions and the prompt headers use."""
+    texts = [f"the {w} a {w} {w}" for w in made_up_words(NAME_POOL_SIZE, seed=0)]
+    texts += [c.format(w="x") for cs in CONTEXTS.values() for c in cs]
+    texts += [template.format(w="x") + " " + subject + " " + " ".join(options)
+              for subject, (template, options) in SUBJECTS.items()]
+    texts += [f"about arithmetic. What is {a} plus {b}? {a + b}" for a in range(10) for b in range(10)]
+    return texts

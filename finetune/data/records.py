@@ -1,0 +1,155 @@
+"""Shared record type, error type and CSV/encoding helpers for the exam readers."""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger("finetune.data")
+
+LETTERS = ("A", "B", "C", "D")
+
+# CJK Unified Ideographs (+ extension A and compatibility block). Used to tell real GBK
+# Chinese text from arbitrary bytes that GB18030 happens to decode without error.
+_CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str  # "dataset/split/subject/row", row = 0-based data row within the file
+    subject: str
+    question: str
+    choices: tuple[str, str, str, str]  # texts of A, B, C, D
+    answer: str  # one of LETTERS
+    source: str  # "path/to/file.csv:LINE", LINE = 1-based editor line where the row starts
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line naming the file (and line) and what was expected."""
+
+
+def read_text(path: str | Path) -> str:
+    """Decode a data file: UTF-8 (BOM stripped), else GBK/GB18030 if it really is Chinese text."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        utf8_error = e
+    try:
+        text = raw.decode("gb18030")  # superset of GBK, so covers both encodings in the wild
+    except UnicodeDecodeError:
+        text = None
+    # GB18030 decodes many non-Chinese byte strings (e.g. Latin-1 "été") to stray
+    # ideographs-or-symbols; requiring at least one CJK ideograph rejects most of them.
+    if text is not None and _CJK.search(text):
+        log.warning("%s: not UTF-8, decoded as GBK/GB18030; consider re-saving it as UTF-8", path)
+        return text
+    bad = utf8_error.object[utf8_error.start]
+    raise DataError(
+        f"{path}: not UTF-8 (byte 0x{bad:02x} at offset {utf8_error.start}) "
+        "and not GBK/GB18030 text; re-save it as UTF-8"
+    )
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def load_csv(
+    path: Path, *, header: tuple[str, ...] | None, width: int | None, what: str
+) -> tuple[pd.DataFrame, list[int]]:
+    """Parse `path` with pandas (all cells str, "None"/"NA" kept as text).
+
+    `header`: None for headerless files, else the column names the header must contain.
+    Returns the frame (header names stripped of spaces) and, per data row, the 1-based
+    editor line where it starts (rows can span lines: MMLU questions contain quoted
+    newlines). Every record must have `width` fields (default: as many as the header);
+    `what` describes them for errors. pandas silently pads short rows with "", hence the
+    field count check on a csv scan of the same text.
+    """
+    text = read_text(path)
+    records = []  # (start line, fields) of each non-blank record, as pandas sees them
+    reader = csv.reader(io.StringIO(text, newline=""))
+    prev_end = 0
+    try:
+        for rec in reader:
+            start, prev_end = prev_end + 1, reader.line_num
+            if rec and not (len(rec) == 1 and not rec[0].strip()):  # pandas skips blank lines
+                records.append((start, rec))
+    except csv.Error as e:
+        raise DataError(f"{path}:{prev_end + 1}: malformed CSV ({_one_line(e)})") from None
+    if not records:
+        raise DataError(f"{path}: empty file, expected CSV rows of {what}")
+    if header is not None:  # checked first: a missing column also makes every row "too long"
+        names = [c.strip() for c in records[0][1]]
+        for col in header:
+            if col not in names:
+                raise DataError(f"{path}:{records[0][0]}: header lacks column {col!r} (expected {what})")
+    width = width or len(records[0][1])
+    for line, rec in records:
+        if len(rec) != width:
+            raise DataError(f"{path}:{line}: expected {width} fields ({what}), found {len(rec)}")
+    try:
+        df = pd.read_csv(io.StringIO(text), header=None if header is None else 0, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise DataError(f"{path}: cannot parse CSV ({_one_line(e)}), expected rows of {what}") from None
+    skip = 0 if header is None else 1
+    lines = [line for line, _ in records[skip:]]
+    if len(lines) != len(df):
+        # csv and pandas disagree on record boundaries in some exotic quoting case;
+        # fall back to a best guess rather than fail on otherwise readable data.
+        lines = [i + 1 + skip for i in range(len(df))]
+    if header is not None:
+        df.columns = [str(c).strip() for c in df.columns]  # so ", Question, A" still matches
+    return df, lines
+
+
+def make_question(dataset: str, split: str, subject: str, row: int, source: str, values) -> Question:
+    """Validate one row (question, A, B, C, D, answer) and build the Question."""
+    question, a, b, c, d, answer = (str(v) for v in values)
+    if not question.strip():
+        raise DataError(f"{source}: empty question text")
+    # Empty options are rejected: the real data has none (0 of 14,327 MMLU and 11,917
+    # CMMLU rows), so an empty cell almost certainly means a mangled row (lost value or
+    # shifted columns), and a prompt with a blank option would silently mis-train.
+    for letter, text in zip(LETTERS, (a, b, c, d)):
+        if not text.strip():
+            raise DataError(f"{source}: empty text for option {letter}")
+    # Only upper-case A-D (after stripping whitespace): the real data never deviates,
+    # so anything else is a wrong column or a different answer format, not a typo to guess at.
+    if answer.strip() not in LETTERS:
+        raise DataError(f"{source}: answer must be one of A, B, C, D, found {answer!r}")
+    return Question(
+        id=f"{dataset}/{split}/{subject}/{row}",
+        subject=subject,
+        question=question,
+        choices=(a, b, c, d),
+        answer=answer.strip(),
+        source=source,
+    )
+
+
+def split_files(root: Path, split: str, pattern: str, *, required: bool) -> list[Path] | None:
+    """Sorted CSVs of one split dir; None if an optional split is absent."""
+    d = root / split
+    if not d.is_dir():
+        if required:
+            raise DataError(f"{d}: missing '{split}' split directory (expected {d}/{pattern})")
+        return None
+    files = sorted(d.glob("*.csv"))
+    if not files:
+        raise DataError(f"{d}: no .csv files (expected {d}/{pattern})")
+    return files
+
+
+def check_root(path: str | Path, name: str) -> Path:
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root}: {name} data directory not found (expected dev/ and test/ inside)")
+    return root

@@ -1,0 +1,141 @@
+"""Stage `evaluate`: multiple-choice accuracy from the answer-letter logits at the last prompt
+position, zero- or k-shot, overall and per subject, for the base model and base + adapter."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from .data import prompts
+from .data.records import LETTERS, Question
+from .lora import apply_lora, load_adapter
+from .model import ModelError, count_params
+from .prepare import load_questions
+from .train import load_base, param_summary
+
+log = logging.getLogger("finetune.evaluate")
+
+
+def letter_token_ids(tok, style: str) -> list[int]:
+    """Token ids of the four answer targets (" A".." D" for mmlu, "A".."D" for cmmlu). Each must
+    be a single token, or last-position scoring would compare the wrong things."""
+    ids = []
+    for letter in LETTERS:
+        q = Question(id="", subject="", question="", choices=("", "", "", ""), answer=letter, source="")
+        t = tok.encode(prompts.target(q, style))
+        if len(t) != 1:
+            raise ModelError(f"tokenizer {tok.name}: answer {prompts.target(q, style)!r} is {len(t)} tokens, "
+                             f"expected 1 for letter scoring (dataset.style={style})")
+        ids.append(t[0])
+    return ids
+
+
+def build_eval_prompts(questions: list[Question], dev: list[Question], style: str, num_shots: int, tok,
+                       seq_length: int) -> tuple[list[list[int]], dict]:
+    """Token ids per question: [bos] + k-shot prompt. Shots are the subject's first dev questions;
+    when a prompt does not fit, shots are dropped one at a time, and a zero-shot prompt that
+    still does not fit keeps its last seq_length tokens (the question end, where scoring happens)."""
+    by_subject: dict[str, list[Question]] = {}
+    for q in dev:
+        by_subject.setdefault(q.subject, []).append(q)
+    out, fewer_shots, truncated = [], 0, 0
+    for q in questions:
+        shots = by_subject.get(q.subject, [])[:num_shots]
+        while True:
+            ids = [tok.bos_id] + tok.encode(prompts.build_prompt(q, style, shots))
+            if len(ids) <= seq_length or not shots:
+                break
+            shots = shots[:-1]
+        if len(shots) < min(num_shots, len(by_subject.get(q.subject, []))):
+            fewer_shots += 1
+        if len(ids) > seq_length:
+            ids = ids[-seq_length:]
+            truncated += 1
+        out.append(ids)
+    return out, {"eval_fewer_shots": fewer_shots, "eval_truncated": truncated}
+
+
+def letter_logits(net, token_lists: list[list[int]], letter_ids: list[int], batch_size: int, seq_length: int,
+                  pad_id: int) -> np.ndarray:
+    """[N, 4] logits of the letter tokens at each prompt's last position.
+
+    Every batch has the same shape [batch_size, seq_length] (right-padded; the last batch filled
+    with padding rows), so graph mode compiles once; with causal attention, padding after a
+    prompt cannot change the logits at its last position."""
+    import mindspore as ms
+
+    net.set_train(False)
+    out = np.zeros((len(token_lists), len(letter_ids)), np.float32)
+    for start in range(0, len(token_lists), batch_size):
+        chunk = token_lists[start:start + batch_size]
+        x = np.full((batch_size, seq_length), pad_id, np.int32)
+        for i, ids in enumerate(chunk):
+            x[i, :len(ids)] = ids
+        logits = net(ms.Tensor(x))[0].asnumpy()  # eval mode: (logits [B, S, V], tokens, mask)
+        for i, ids in enumerate(chunk):
+            out[start + i] = logits[i, len(ids) - 1, letter_ids]
+    return out
+
+
+def score(net, questions: list[Question], token_lists, letter_ids, cfg, tok) -> dict:
+    logits = letter_logits(net, token_lists, letter_ids, cfg.eval.batch_size, cfg.model.seq_length, tok.pad_id)
+    preds = metrics.mc_predictions(logits)
+    answers = [q.answer for q in questions]
+    return {"accuracy": metrics.accuracy(preds, answers),
+            "per_subject": metrics.per_subject_accuracy([q.subject for q in questions], preds, answers),
+            "predictions": preds, "probabilities": metrics.letter_probabilities(logits)}
+
+
+def evaluate(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
+    questions = load_questions(prepared, "eval")
+    if cfg.eval.limit is not None:
+        questions = questions[:cfg.eval.limit]
+    dev = load_questions(prepared, "dev")
+    style = cfg.dataset.style
+    letter_ids = letter_token_ids(tok, style)
+    token_lists, prompt_stats = build_eval_prompts(questions, dev, style, cfg.eval.num_shots, tok,
+                                                   cfg.model.seq_length)
+    adapter = Path(cfg.eval.adapter) if cfg.eval.adapter else run_dir / "adapter.ckpt"
+    if cfg.eval.adapter and not adapter.is_file():
+        raise ModelError(f"eval.adapter: {adapter} not found")
+
+    net = load_base(cfg, tok, prepared, tracker, cfg.eval.batch_size)
+    result: dict = {"eval_questions": len(questions), "eval_num_shots": cfg.eval.num_shots, **prompt_stats}
+    base = None
+    if cfg.eval.base:
+        base = score(net, questions, token_lists, letter_ids, cfg, tok)
+        result["mc_accuracy_base"] = base["accuracy"]
+        result["per_subject_accuracy_base"] = base["per_subject"]
+        log.info("base model: accuracy %.4f on %d questions", base["accuracy"], len(questions))
+    tuned = None
+    net = apply_lora(net, cfg.lora, run_dir / "mindformers")
+    result.update(param_summary(count_params(net)))
+    if adapter.is_file():
+        load_adapter(net, adapter)
+        tuned = score(net, questions, token_lists, letter_ids, cfg, tok)
+        result["mc_accuracy"] = tuned["accuracy"]
+        result["per_subject_accuracy"] = tuned["per_subject"]
+        result["evaluated_adapter"] = str(adapter)
+        log.info("base + adapter: accuracy %.4f", tuned["accuracy"])
+    else:
+        log.warning("evaluate: no adapter at %s (run the train stage, or set eval.adapter); "
+                    "mc_accuracy is the base model's", adapter)
+        if base is None:
+            raise ModelError("evaluate: nothing to evaluate (eval.base=false and no adapter)")
+        result["mc_accuracy"] = base["accuracy"]
+        result["per_subject_accuracy"] = base["per_subject"]
+        result["evaluated_adapter"] = None
+
+    with open(run_dir / "eval_predictions.jsonl", "w", encoding="utf-8") as f:
+        for i, q in enumerate(questions):
+            row = {"id": q.id, "subject": q.subject, "answer": q.answer}
+            if tuned is not None:
+                row["prediction"] = tuned["predictions"][i]
+                row["probabilities"] = dict(zip(LETTERS, np.round(tuned["probabilities"][i], 6).tolist()))
+            if base is not None:
+                row["prediction_base"] = base["predictions"][i]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return result

@@ -1,0 +1,132 @@
+"""The model: MindSpore context from the `hardware` group, MindFormers Llama from the `model` group.
+
+All architecture facts live here. CPU vs Ascend differences are values of the hardware group
+(fused kernels, dtypes, rope slice), never `if device == ...` branches.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger("finetune.model")
+
+
+class ModelError(ValueError):
+    """A model/checkpoint problem found before any long work starts."""
+
+
+def setup_context(hw, seed: int) -> None:
+    import mindspore as ms
+
+    mode = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}.get(hw.mode)
+    if mode is None:
+        raise ModelError(f"hardware.mode: expected 'graph' or 'pynative', got {hw.mode!r}")
+    kwargs = {"mode": mode, "device_target": hw.device_target}
+    if hw.max_device_memory and hw.device_target != "CPU":
+        kwargs["max_device_memory"] = hw.max_device_memory
+    ms.set_context(**kwargs)
+    ms.set_seed(seed)
+
+
+def llama_config(model_cfg, hw, vocab_size: int, tok, batch_size: int):
+    """MindFormers LlamaConfig for the model + hardware groups."""
+    from mindformers import LlamaConfig
+
+    return LlamaConfig(
+        batch_size=batch_size,
+        seq_length=model_cfg.seq_length,
+        hidden_size=model_cfg.hidden_size,
+        num_layers=model_cfg.num_layers,
+        num_heads=model_cfg.num_heads,
+        n_kv_heads=model_cfg.n_kv_heads,
+        intermediate_size=model_cfg.intermediate_size,
+        vocab_size=vocab_size,
+        rms_norm_eps=model_cfg.rms_norm_eps,
+        theta=model_cfg.rope_theta,
+        qkv_has_bias=model_cfg.qkv_has_bias,
+        attn_proj_has_bias=model_cfg.attn_proj_has_bias,
+        tie_word_embeddings=model_cfg.tie_word_embeddings,
+        init_method_std=model_cfg.init_std,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+        ignore_token_id=IGNORE_ID,
+        compute_dtype=hw.compute_dtype,
+        param_init_type=hw.param_init_type,
+        layernorm_compute_type=hw.layernorm_compute_type,
+        softmax_compute_type=hw.softmax_compute_type,
+        rotary_dtype=hw.rotary_dtype,
+        fused_rms_norm=hw.fused_rms_norm,
+        use_rope_slice=hw.use_rope_slice,
+        use_flash_attention=hw.use_flash_attention,
+        recompute_config={"recompute": hw.recompute},
+        use_past=False,
+        checkpoint_name_or_path="",
+    )
+
+
+# Label value that the loss ignores (prompt tokens and padding); MindFormers' default.
+IGNORE_ID = -100
+
+
+def vocab_size_for(model_cfg, tok) -> int:
+    vocab = model_cfg.vocab_size or tok.vocab_size
+    if vocab < tok.vocab_size:
+        raise ModelError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tok.vocab_size} ({tok.name})")
+    return vocab
+
+
+def build_model(model_cfg, hw, tok, batch_size: int, seed: int):
+    """A LlamaForCausalLM with random init from `seed` (then `load_checkpoint` if one is given)."""
+    import mindspore as ms
+    from mindformers import LlamaForCausalLM
+
+    ms.set_seed(seed)
+    return LlamaForCausalLM(llama_config(model_cfg, hw, vocab_size_for(model_cfg, tok), tok, batch_size))
+
+
+def load_checkpoint(net, path: str | Path, what: str = "model.checkpoint") -> None:
+    """Load a MindSpore checkpoint into `net`, insisting every base parameter is present with
+    the right shape (a silently half-loaded model is the worst outcome)."""
+    import mindspore as ms
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{what}: checkpoint {path} not found")
+    params = ms.load_checkpoint(str(path))
+    expected = {p.name: p for p in net.get_parameters() if "mindpet_delta" not in p.name}
+    missing = sorted(set(expected) - set(params))
+    if missing:
+        raise ModelError(f"{what}: {path} lacks {len(missing)} parameter(s) the model needs, e.g. {missing[:3]}")
+    for name, p in expected.items():
+        if tuple(params[name].shape) != tuple(p.shape):
+            raise ModelError(f"{what}: {path}: {name} has shape {tuple(params[name].shape)}, "
+                             f"the model config needs {tuple(p.shape)}")
+    ms.load_param_into_net(net, {k: v for k, v in params.items() if k in expected}, strict_load=True)
+
+
+def save_checkpoint(params: list, path: str | Path) -> None:
+    """Write [(name, Parameter)] atomically: a temp file in the same folder, then rename."""
+    import mindspore as ms
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    ms.save_checkpoint([{"name": name, "data": p} for name, p in params], str(tmp))
+    tmp.replace(path)
+
+
+def count_params(net) -> dict[str, int]:
+    """Base and adapter parameter counts. Tied embeddings share one Parameter, counted once."""
+    seen, base, adapter, trainable = set(), 0, 0, 0
+    for p in net.get_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if "mindpet_delta" in p.name:
+            adapter += p.size
+        else:
+            base += p.size
+        if p.requires_grad:
+            trainable += p.size
+    return {"base": base, "adapter": adapter, "trainable": trainable}

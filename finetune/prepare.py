@@ -1,0 +1,174 @@
+"""Stage `prepare`: exam files -> questions -> Alpaca JSON -> tokens -> MindRecord shards.
+
+Output goes to a cache folder named by a hash of everything that affects it (the input files'
+bytes, the dataset config, the tokenizer, seq_length, shard count), so a second run with the
+same inputs reuses it. The folder is built under a temporary name and renamed when complete:
+a crash never leaves a folder that a later run would trust.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .data import demo, prompts
+from .data.cmmlu import read_cmmlu
+from .data.mindrecord import encode_example, write_shards
+from .data.mmlu import read_mmlu
+from .data.records import DataError, Question
+from .tokenizer import tokenizer_fingerprint
+
+log = logging.getLogger("finetune.prepare")
+
+# Bump when the prepared layout or prompt/tokenization logic changes, to invalidate caches.
+FORMAT_VERSION = 1
+READERS = {"mmlu": read_mmlu, "cmmlu": read_cmmlu}
+
+
+def read_questions(ds) -> tuple[dict[str, list[Question]], list[str]]:
+    """(split -> questions, base-training corpus). Only the demo has a corpus."""
+    if ds.name == "demo":
+        if ds.demo is None:
+            raise DataError("dataset.demo: the demo dataset needs its settings (num_words, ...)")
+        d = ds.demo
+        world = demo.build_world(d.num_words, d.seed)
+        return demo.questions(world, d.seed, d.test_fraction, d.dev_per_subject), \
+            demo.corpus(world, d.seed, d.num_practice)
+    if ds.name not in READERS:
+        raise DataError(f"dataset.name: expected one of demo, {', '.join(READERS)}; got {ds.name!r}")
+    if not ds.path:
+        raise DataError(f"dataset.path: required for dataset={ds.name} (folder with dev/ and test/)")
+    return READERS[ds.name](ds.path), []
+
+
+def _holdout(q: Question, fraction: float) -> bool:
+    """Stable pseudo-random membership from the question id (same answer on every machine)."""
+    h = int.from_bytes(hashlib.sha256(q.id.encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def select_splits(ds, splits: dict[str, list[Question]], seed: int) -> dict[str, list[Question]]:
+    """{'train', 'eval', 'dev'} question lists according to the dataset config."""
+    for key in ("train_split", "eval_split", "dev_split"):
+        if ds[key] not in splits:
+            raise DataError(f"dataset.{key}={ds[key]!r}: no such split in {ds.path or ds.name} "
+                            f"(found {', '.join(sorted(splits))})")
+    if ds.subjects:
+        known = {q.subject for qs in splits.values() for q in qs}
+        unknown = sorted(set(ds.subjects) - known)
+        if unknown:
+            raise DataError(f"dataset.subjects: unknown subject(s) {unknown}; known e.g. {sorted(known)[:5]}")
+        keep = set(ds.subjects)
+        splits = {k: [q for q in v if q.subject in keep] for k, v in splits.items()}
+    train, evalq = splits[ds.train_split], splits[ds.eval_split]
+    if ds.train_split == ds.eval_split:
+        if not 0.0 < ds.holdout_fraction < 1.0:
+            raise DataError(f"dataset.holdout_fraction: expected in (0, 1) when train_split == eval_split, "
+                            f"got {ds.holdout_fraction}")
+        evalq = [q for q in train if _holdout(q, ds.holdout_fraction)]
+        train = [q for q in train if not _holdout(q, ds.holdout_fraction)]
+    if ds.max_train_questions is not None and len(train) > ds.max_train_questions:
+        train = sorted(random.Random(seed).sample(train, ds.max_train_questions), key=lambda q: q.id)
+    if not train or not evalq:
+        raise DataError(f"dataset: empty selection (train {len(train)}, eval {len(evalq)} questions); "
+                        f"check dataset.subjects / splits")
+    return {"train": train, "eval": evalq, "dev": splits[ds.dev_split]}
+
+
+def _input_fingerprint(ds) -> str:
+    """sha256 over the bytes of every input file (the demo is generated: its config is enough)."""
+    h = hashlib.sha256()
+    if ds.name in READERS and ds.path:
+        root = Path(ds.path)
+        for f in sorted(root.rglob("*.csv")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def cache_dir(cfg, tok) -> Path:
+    key = json.dumps({
+        "format": FORMAT_VERSION,
+        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "inputs": _input_fingerprint(cfg.dataset),
+        "tokenizer": tokenizer_fingerprint(tok),
+        "seq_length": cfg.model.seq_length,
+        "num_shards": cfg.parallel.data_parallel,
+        "seed": cfg.seed,
+    }, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(cfg.output_root).resolve() / "cache" / "data" / f"{cfg.dataset.name}-{digest}"
+
+
+def prepare(cfg, tok) -> Path:
+    """Build (or reuse) the prepared-data folder for this config; returns its path."""
+    out = cache_dir(cfg, tok)
+    if (out / "meta.json").is_file():
+        log.info("prepared data: reusing %s", out)
+        return out
+    ds = cfg.dataset
+    splits, corpus = read_questions(ds)
+    chosen = select_splits(ds, splits, cfg.seed)
+
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "questions").mkdir(parents=True)
+    for name, qs in chosen.items():
+        prompts.write_alpaca_json([prompts.to_alpaca(q, ds.style) for q in qs], tmp / "alpaca" / f"{name}.json")
+        (tmp / "questions" / f"{name}.json").write_text(
+            json.dumps([dataclasses.asdict(q) for q in qs], ensure_ascii=False, indent=0), encoding="utf-8")
+
+    examples, too_long = [], 0
+    for q in chosen["train"]:
+        ex = encode_example(prompts.build_prompt(q, ds.style), prompts.target(q, ds.style), tok, cfg.model.seq_length)
+        if ex is None:
+            too_long += 1
+        else:
+            examples.append(ex)
+    if not examples:
+        raise DataError(f"model.seq_length={cfg.model.seq_length}: every one of {len(chosen['train'])} training "
+                        f"questions is longer; raise it")
+    if too_long:
+        log.warning("prepare: %d of %d training questions exceed model.seq_length=%d tokens and are left out",
+                    too_long, len(chosen["train"]), cfg.model.seq_length)
+    (tmp / "mindrecord").mkdir()
+    write_shards(examples, tmp / "mindrecord" / "train.mindrecord", cfg.parallel.data_parallel)
+    if corpus:
+        (tmp / "corpus.json").write_text(json.dumps(corpus, ensure_ascii=False, indent=0), encoding="utf-8")
+
+    meta = {
+        "dataset": ds.name,
+        "dataset_rows": {split: len(qs) for split, qs in sorted(splits.items())},
+        "train_questions": len(chosen["train"]),
+        "train_examples": len(examples),
+        "train_too_long": too_long,
+        "eval_questions": len(chosen["eval"]),
+        "dev_questions": len(chosen["dev"]),
+        "subjects": sorted({q.subject for q in chosen["eval"]}),
+        "num_shards": cfg.parallel.data_parallel,
+        "seq_length": cfg.model.seq_length,
+        "tokenizer": tok.name,
+        "has_corpus": bool(corpus),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    if out.exists():  # a half-built folder without meta.json from an older crash
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("prepared data: %s (%d training examples, %d eval questions)", out, len(examples), len(chosen["eval"]))
+    return out
+
+
+def load_meta(prepared: Path) -> dict:
+    return json.loads((prepared / "meta.json").read_text(encoding="utf-8"))
+
+
+def load_questions(prepared: Path, name: str) -> list[Question]:
+    rows = json.loads((prepared / "questions" / f"{name}.json").read_text(encoding="utf-8"))
+    return [Question(**{**r, "choices": tuple(r["choices"])}) for r in rows]

@@ -1,0 +1,186 @@
+"""Structured configs: one dataclass per Hydra config group, registered in Hydra's ConfigStore.
+
+Every YAML in conf/<group>/ starts from its schema (``defaults: [<group>_schema]`` via
+conf/config.yaml's ``schema`` entry), so an unknown key, a wrong type or a missing ``???``
+value fails at start-up with the key's name, before any data is read or model is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+STAGES = ("prepare", "train", "evaluate")
+
+
+@dataclass
+class DemoConfig:
+    """The embedded demo world (finetune/data/demo.py)."""
+    num_words: int = 160           # made-up words, a quarter of each kind
+    test_fraction: float = 0.25    # share of words held out: asked about only in the test split
+    dev_per_subject: int = 5       # k-shot examples per subject, taken from training words
+    num_practice: int = 400        # arithmetic practice questions in the base corpus
+    seed: int = 0                  # which words are of which kind, and which are held out
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING            # demo | mmlu | cmmlu
+    path: Optional[str] = None     # folder with dev/ test/ (val/) CSVs; unused by demo
+    style: str = "mmlu"            # prompt template: mmlu | cmmlu
+    train_split: str = "train"
+    eval_split: str = "test"
+    dev_split: str = "dev"         # k-shot examples
+    # When train_split == eval_split, this share of its questions (chosen by a hash of the
+    # question id, so stable across runs) is held out of training and is all that is evaluated.
+    holdout_fraction: float = 0.2
+    subjects: Optional[list[str]] = None   # keep only these subjects (null = all)
+    max_train_questions: Optional[int] = None  # cap after the split, for quick runs
+    demo: Optional[DemoConfig] = None
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "tiktoken"         # tiktoken | sentencepiece
+    path: Optional[str] = None     # rank file / tokenizer.model; null = built-in demo encoding (tiktoken)
+
+
+@dataclass
+class PretrainConfig:
+    """Full-parameter training of a random-init base on the dataset's text corpus (demo only),
+    cached under output_root/cache/base. epochs 0 = keep the random init."""
+    epochs: int = 0
+    learning_rate: float = 3e-3
+    batch_size: int = 16
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    checkpoint: Optional[str] = None   # MindSpore .ckpt of the base; null = random init (+ pretrain)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    vocab_size: Optional[int] = None   # null = the tokenizer's
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    n_kv_heads: Optional[int] = None   # grouped-query attention; null = num_heads
+    intermediate_size: int = MISSING
+    seq_length: int = MISSING          # tokens per training example (prompt + answer)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    qkv_has_bias: bool = False         # InternLM: true (Llama + q/k/v/o biases)
+    attn_proj_has_bias: bool = False
+    tie_word_embeddings: bool = False
+    init_std: float = 0.02
+    # LoRA learning rate that works for this model; optimizer.learning_rate defaults to it.
+    recommended_lr: float = 5e-5
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: str = ".*wq|.*wk|.*wv|.*wo"   # regex over cell names, mindformers.pet syntax
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    learning_rate: float = 5e-5
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0     # global-norm clipping; 0 = off
+
+
+@dataclass
+class ParallelConfig:
+    data_parallel: int = 1
+    model_parallel: int = 1
+    pipeline_stage: int = 1
+    micro_batch_num: int = 1
+    gradient_accumulation_steps: int = 1
+
+
+@dataclass
+class LossScaleConfig:
+    kind: str = "none"             # none | dynamic (needed for float16 compute)
+    init_scale: float = 65536.0
+    factor: float = 2.0
+    window: int = 1000             # finite steps before the scale grows again
+
+
+@dataclass
+class HardwareConfig:
+    device_target: str = "CPU"     # CPU | Ascend
+    mode: str = "graph"            # graph | pynative
+    compute_dtype: str = "float32"
+    param_init_type: str = "float32"
+    layernorm_compute_type: str = "float32"
+    softmax_compute_type: str = "float32"
+    rotary_dtype: str = "float32"
+    fused_rms_norm: bool = False   # Ascend kernel; CPU: "kernel RmsNorm unregistered"
+    use_rope_slice: bool = True    # CPU needs the slice rotation (BatchMatMul broadcast error otherwise)
+    use_flash_attention: bool = False
+    recompute: bool = False
+    max_device_memory: Optional[str] = None
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None      # any MLflow URI; null = sqlite store at output_root/mlflow.db
+    experiment: str = "finetune"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 16           # per device, per micro-step
+    max_steps: Optional[int] = None  # optimizer steps cap, for quick runs
+    shuffle: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_shots: int = 0             # k-shot examples from the dev split, same subject
+    batch_size: int = 16
+    limit: Optional[int] = None    # evaluate the first N questions only
+    base: bool = True              # also evaluate the base model (mc_accuracy_base)
+    adapter: Optional[str] = None  # adapter checkpoint; null = the run dir's adapter.ckpt
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    lora: LoraConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    seed: int = 0
+    output_root: str = "outputs"   # data cache, base-model cache and the default MLflow store
+
+
+GROUPS: dict[str, Any] = {
+    "dataset": DatasetConfig, "model": ModelConfig, "lora": LoraConfig, "optimizer": OptimizerConfig,
+    "parallel": ParallelConfig, "hardware": HardwareConfig, "tracking": TrackingConfig,
+}
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, node in GROUPS.items():
+        cs.store(group=group, name=f"{group}_schema", node=node)

@@ -1,0 +1,251 @@
+"""Stage `train`: LoRA fine-tuning in MindSpore graph mode; also the full-parameter pretraining
+that gives the tiny demo model a base (cached).
+
+The step is `ms.value_and_grad` + optional `mindspore.amp.DynamicLossScaler` + global-norm
+clipping + MindFormers AdamW, each inside `@ms.jit`: `nn.TrainOneStepWithLossScaleCell` does not
+run on CPU (NPUGetFloatStatusV2), while this form runs on CPU and Ascend alike.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from .data.mindrecord import read_shards
+from .lora import apply_lora, save_adapter
+from .model import ModelError, build_model, count_params, load_checkpoint, save_checkpoint, vocab_size_for
+
+log = logging.getLogger("finetune.train")
+
+
+def make_optimizer(params, opt_cfg, total_steps: int):
+    from mindformers.core.lr import CosineWithWarmUpLR
+    from mindformers.core.optim import AdamW
+
+    if opt_cfg.name != "adamw":
+        raise ModelError(f"optimizer.name: only 'adamw' is implemented, got {opt_cfg.name!r}")
+    lr = CosineWithWarmUpLR(learning_rate=opt_cfg.learning_rate, warmup_ratio=opt_cfg.warmup_ratio,
+                            total_steps=max(total_steps, 1))
+    opt = AdamW(params, learning_rate=lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps,
+                weight_decay=opt_cfg.weight_decay)
+    return opt, lr
+
+
+def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int):
+    """(micro_step, step, current_scale) for one optimizer step over `accumulation` micro-batches.
+
+    micro_step(x, y) -> scaled loss: adds this micro-batch's gradients to fp32 buffers.
+    step(x, y) -> (scaled loss, grad norm, finite): the last micro-batch; averages the buffered
+    gradients, unscales, checks for overflow, clips, updates (skipped on overflow), clears.
+    Everything stays inside jit graphs: handing gradient tuples from one jit call to another
+    costs ~2.5 s per step on CPU here, against ~0.35 s for the whole fused step."""
+    import mindspore as ms
+    from mindspore import amp, ops
+
+    scaler = None
+    if loss_scale.kind == "dynamic":
+        scaler = amp.DynamicLossScaler(loss_scale.init_scale, int(loss_scale.factor), loss_scale.window)
+    elif loss_scale.kind != "none":
+        raise ModelError(f"hardware.loss_scale.kind: expected 'none' or 'dynamic', got {loss_scale.kind!r}")
+
+    if scaler is None:
+        def forward(x, y):
+            return net(x, y)
+    else:
+        def forward(x, y):
+            return scaler.scale(net(x, y))
+    grad_fn = ms.value_and_grad(forward, None, opt.parameters)
+    buffers = ms.ParameterTuple([ms.Parameter(ops.zeros(p.shape, ms.float32), name=f"accum.{p.name}",
+                                              requires_grad=False)
+                                 for p in opt.parameters]) if accumulation > 1 else ()
+
+    @ms.jit
+    def micro_step(x, y):
+        loss, grads = grad_fn(x, y)
+        for buf, g in zip(buffers, grads):
+            ops.assign_add(buf, g.astype(ms.float32))
+        return loss
+
+    @ms.jit
+    def step(x, y):
+        loss, grads = grad_fn(x, y)
+        if accumulation > 1:
+            grads = tuple((buf + g.astype(ms.float32)) / accumulation for buf, g in zip(buffers, grads))
+            for buf in buffers:
+                ops.assign(buf, ops.zeros_like(buf))
+        if scaler is not None:
+            grads = scaler.unscale(grads)
+        finite = amp.all_finite(grads)
+        norm = ops.sqrt(ops.addn([ops.reduce_sum(ops.square(g.astype(ms.float32))) for g in grads]))
+        if max_grad_norm > 0:
+            grads = ops.clip_by_global_norm(grads, max_grad_norm)
+        if finite:
+            opt(grads)
+        if scaler is not None:
+            scaler.adjust(finite)
+        return loss, norm, finite
+
+    def current_scale() -> float:
+        return float(scaler.scale_value.asnumpy()) if scaler is not None else 1.0
+
+    return micro_step, step, current_scale
+
+
+def run_steps(net, ids: np.ndarray, labels: np.ndarray, *, batch_size: int, epochs: int, accumulation: int,
+              max_steps: int | None, opt_cfg, hw, seed: int, shuffle: bool, pad_id: int, tracker, prefix: str,
+              desc: str) -> dict:
+    """The training loop shared by LoRA fine-tuning and base pretraining."""
+    import mindspore as ms
+
+    per_step = batch_size * accumulation
+    steps_per_epoch = len(ids) // per_step
+    if steps_per_epoch == 0:
+        raise ModelError(f"train.batch_size={batch_size} x gradient_accumulation_steps={accumulation} is more "
+                         f"than the {len(ids)} training examples")
+    total = steps_per_epoch * epochs
+    if max_steps is not None:
+        total = min(total, max_steps)
+    params = [p for p in net.get_parameters() if p.requires_grad]
+    opt, lr_schedule = make_optimizer(params, opt_cfg, total)
+    micro_step, full_step, current_scale = make_step(net, opt, hw.loss_scale, opt_cfg.max_grad_norm, accumulation)
+    net.set_train(True)
+
+    rng = np.random.default_rng(seed)
+    losses, tokens_done, timed_tokens, timed_seconds, skipped = [], 0, 0, 0.0, 0
+    step = 0
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+    for _epoch in range(math.ceil(total / steps_per_epoch)):
+        order = rng.permutation(len(ids)) if shuffle else np.arange(len(ids))
+        for s in range(steps_per_epoch):
+            if step >= total:
+                break
+            t0 = time.perf_counter()
+            loss_sum, step_tokens, scale = 0.0, 0, current_scale()
+            for m in range(accumulation):
+                idx = order[(s * accumulation + m) * batch_size:(s * accumulation + m + 1) * batch_size]
+                x, y = ms.Tensor(ids[idx]), ms.Tensor(labels[idx])
+                if m < accumulation - 1:
+                    loss = micro_step(x, y)
+                else:
+                    loss, norm, finite = full_step(x, y)
+                loss_sum += float(loss.asnumpy()) / scale
+                step_tokens += int((ids[idx][:, :-1] != pad_id).sum())
+            dt = time.perf_counter() - t0
+            step += 1
+            loss_value = loss_sum / accumulation
+            finite = bool(finite.asnumpy())
+            skipped += not finite
+            losses.append(loss_value)
+            tokens_done += step_tokens
+            if step > 1:  # step 1 includes graph compilation
+                timed_tokens += step_tokens
+                timed_seconds += dt
+            lr = float(lr_schedule(ms.Tensor(step - 1, ms.int32)).asnumpy())
+            tps = step_tokens / dt
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
+            tracker.log_metrics({f"{prefix}loss": loss_value, f"{prefix}lr": lr,
+                                 f"{prefix}grad_norm": float(norm.asnumpy()), f"{prefix}tokens_per_s": tps,
+                                 f"{prefix}loss_scale": current_scale()}, step=step)
+    bar.close()
+    tokens_per_s = timed_tokens / timed_seconds if timed_seconds else float("nan")
+    return {"steps": step, "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+            "tokens_per_s": tokens_per_s, "tokens": tokens_done, "overflow_steps": skipped,
+            "seconds": timed_seconds}
+
+
+def _pack_corpus(docs: list[str], tok, seq_length: int) -> np.ndarray:
+    """bos doc eos bos doc eos ... cut into rows of seq_length + 1 tokens (nanoGPT-style packing)."""
+    stream = []
+    for d in docs:
+        stream += [tok.bos_id] + tok.encode(d) + [tok.eos_id]
+    n = len(stream) // (seq_length + 1)
+    return np.asarray(stream[:n * (seq_length + 1)], np.int32).reshape(n, seq_length + 1)
+
+
+def base_cache_path(cfg, tok, corpus: list[str]) -> Path:
+    key = json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True),
+                      "hardware_dtype": cfg.hardware.param_init_type, "seed": cfg.seed, "tokenizer": tok.name,
+                      "vocab": vocab_size_for(cfg.model, tok),
+                      "corpus": hashlib.sha256("\n".join(corpus).encode()).hexdigest()}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(cfg.output_root).resolve() / "cache" / "base" / f"{cfg.model.name}-{digest}.ckpt"
+
+
+def load_base(cfg, tok, prepared: Path, tracker, batch_size: int):
+    """The base model: a checkpoint if model.checkpoint is set; otherwise random init from `seed`,
+    pretrained on the dataset's corpus when model.pretrain.epochs > 0 (cached by content hash)."""
+    net = build_model(cfg.model, cfg.hardware, tok, batch_size, cfg.seed)
+    if cfg.model.checkpoint:
+        load_checkpoint(net, cfg.model.checkpoint)
+        return net
+    corpus_file = prepared / "corpus.json"
+    if cfg.model.pretrain.epochs <= 0 or not corpus_file.is_file():
+        log.warning("model: random init (no checkpoint%s); expect chance-level accuracy",
+                    "" if cfg.model.pretrain.epochs <= 0 else ", and this dataset has no text corpus to pretrain on")
+        return net
+    corpus = json.loads(corpus_file.read_text(encoding="utf-8"))
+    ckpt = base_cache_path(cfg, tok, corpus)
+    if ckpt.is_file():
+        log.info("base model: cached pretrained base %s", ckpt)
+        load_checkpoint(net, ckpt, what="base cache")
+        return net
+    pre = cfg.model.pretrain
+    rows = _pack_corpus(corpus, tok, cfg.model.seq_length)
+    log.info("base model: pretraining %s on %d corpus rows for %d epochs (cached afterwards)",
+             cfg.model.name, len(rows), pre.epochs)
+    opt_cfg = OmegaConf.merge(cfg.optimizer, {"learning_rate": pre.learning_rate})
+    stats = run_steps(net, rows, rows, batch_size=pre.batch_size, epochs=pre.epochs, accumulation=1, max_steps=None,
+                      opt_cfg=opt_cfg, hw=cfg.hardware, seed=cfg.seed, shuffle=True, pad_id=tok.pad_id,
+                      tracker=tracker, prefix="pretrain_", desc="pretrain base")
+    tracker.log_metrics({"pretrain_loss_last": stats["loss_last"]})
+    save_checkpoint([(p.name, p) for p in net.get_parameters()], ckpt)
+    # Rebuild so the returned net is exactly what a later run loads from the cache.
+    net = build_model(cfg.model, cfg.hardware, tok, batch_size, cfg.seed)
+    load_checkpoint(net, ckpt, what="base cache")
+    return net
+
+
+def train(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
+    """LoRA-train on the prepared MindRecord shards; saves run_dir/adapter.ckpt."""
+    dp = cfg.parallel.data_parallel
+    ids, labels = read_shards(prepared / "mindrecord" / "train.mindrecord", num_shards=dp, shard_id=0)
+    net = load_base(cfg, tok, prepared, tracker, cfg.train.batch_size)
+    net = apply_lora(net, cfg.lora, run_dir / "mindformers")
+    counts = count_params(net)
+    log.info("trainable %s of %s base parameters (%.4f%%)", f"{counts['trainable']:,}", f"{counts['base']:,}",
+             100 * counts["trainable"] / counts["base"])
+    stats = run_steps(net, ids, labels, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs,
+                      accumulation=cfg.parallel.gradient_accumulation_steps, max_steps=cfg.train.max_steps,
+                      opt_cfg=cfg.optimizer, hw=cfg.hardware, seed=cfg.seed, shuffle=cfg.train.shuffle,
+                      pad_id=tok.pad_id, tracker=tracker, prefix="train_", desc="LoRA train")
+    save_adapter(net, run_dir / "adapter.ckpt")
+    return {
+        "train_loss_first": stats["loss_first"],
+        "train_loss_last": stats["loss_last"],
+        "train_tokens_per_s": stats["tokens_per_s"],
+        "train_steps": stats["steps"],
+        "train_overflow_steps": stats["overflow_steps"],
+        "train_examples": int(len(ids)),
+        "adapter": str(run_dir / "adapter.ckpt"),
+        **param_summary(counts),
+    }
+
+
+def param_summary(counts: dict) -> dict:
+    """The seed reports trainable / base total (8.39M / 7.32B = 0.1146%); with the adapter in the
+    denominator the figure is slightly smaller."""
+    return {
+        "trainable_params": counts["trainable"],
+        "total_params": counts["base"],
+        "adapter_params": counts["adapter"],
+        "trainable_ratio_pct": 100.0 * counts["trainable"] / counts["base"],
+        "trainable_ratio_pct_with_adapter": 100.0 * counts["trainable"] / (counts["base"] + counts["adapter"]),
+    }

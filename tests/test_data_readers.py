@@ -1,0 +1,261 @@
+"""MMLU / CMMLU readers: real data in ../shared (skipped if absent) and bad inputs in tmp_path."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from finetune.data.cmmlu import read_cmmlu
+from finetune.data.mmlu import read_mmlu
+from finetune.data.records import DataError, Question, read_text
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def _data(name: str) -> Path:
+    d = DATA / name
+    if not d.is_dir():
+        pytest.skip(f"../shared not found: {d} is missing (read-only MMLU/CMMLU data expected next to the repo)")
+    return d
+
+
+@pytest.fixture(scope="module")
+def mmlu() -> dict[str, list[Question]]:
+    return read_mmlu(_data("mmlu"))
+
+
+@pytest.fixture(scope="module")
+def cmmlu() -> dict[str, list[Question]]:
+    return read_cmmlu(_data("cmmlu"))
+
+
+def _by_id(questions: list[Question]) -> dict[str, Question]:
+    return {q.id: q for q in questions}
+
+
+# ---------------------------------------------------------------- real data
+
+
+def test_mmlu_counts(mmlu):
+    assert {k: len(v) for k, v in mmlu.items()} == {"dev": 285, "test": 14042}
+    assert len({q.subject for q in mmlu["test"]}) == 57
+    assert {q.subject for q in mmlu["dev"]} == {q.subject for q in mmlu["test"]}
+    for qs in mmlu.values():
+        keys = [(q.subject, int(q.id.rsplit("/", 1)[1])) for q in qs]
+        assert keys == sorted(keys)
+        assert len({q.id for q in qs}) == len(qs)
+
+
+def test_mmlu_spot_check(mmlu):
+    q = _by_id(mmlu["test"])["mmlu/test/abstract_algebra/0"]
+    assert q.subject == "abstract_algebra"
+    assert q.question == "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q."
+    assert q.choices == ("0", "4", "2", "6")  # numbers stay strings
+    assert q.answer == "B"
+    assert q.source.endswith("mmlu/test/abstract_algebra_test.csv:1")
+    # "None" is legitimate option text, not a missing value.
+    q = _by_id(mmlu["test"])["mmlu/test/electrical_engineering/41"]
+    assert q.choices == ("SRAM", "DRAM", "Both SRAM and DRAM", "None")
+    assert q.answer == "B"
+    assert q.source.endswith("electrical_engineering_test.csv:42")
+
+
+def test_mmlu_multiline_rows_report_editor_lines(mmlu):
+    dev = _by_id(mmlu["dev"])
+    q = dev["mmlu/dev/high_school_european_history/1"]
+    assert q.question.startswith("This question refers to the following information.\nRead the following excerpt.\n")
+    assert q.answer == "A"
+    # Row 0 spans lines 1-12, so row 1 starts on line 13 in an editor.
+    assert q.source.endswith("high_school_european_history_dev.csv:13")
+    assert dev["mmlu/dev/high_school_european_history/4"].source.endswith(":37")
+
+
+def test_cmmlu_counts(cmmlu):
+    assert {k: len(v) for k, v in cmmlu.items()} == {"dev": 335, "test": 11582}
+    assert len({q.subject for q in cmmlu["test"]}) == 67
+    assert {q.subject for q in cmmlu["dev"]} == {q.subject for q in cmmlu["test"]}
+
+
+def test_cmmlu_spot_check(cmmlu):
+    q = _by_id(cmmlu["dev"])["cmmlu/dev/agronomy/0"]
+    assert q == Question(
+        id="cmmlu/dev/agronomy/0",
+        subject="agronomy",
+        question="肉牛屠宰后，胴体的哪个部位肉质较好",
+        choices=("胸", "腹", "大腿", "小腿"),
+        answer="C",
+        source=q.source,
+    )
+    assert q.source.endswith("cmmlu/dev/agronomy.csv:2")  # line 1 is the header
+    q = _by_id(cmmlu["test"])["cmmlu/test/world_religions/159"]
+    assert q.question == "在罗马宗教生活和文化生活什么紧密联系在一起。"
+    assert q.choices == ("个人生活", "日常生活", "祭祀活动", "政治生活")
+    assert q.answer == "D"
+    assert q.source.endswith("world_religions.csv:161")
+
+
+# ---------------------------------------------------------------- bad inputs
+
+GOOD = "What is 1+1?,1,2,3,NA,B\n"
+
+
+def _mmlu_tree(root: Path, test_text: str | bytes = GOOD, dev_text: str = GOOD) -> Path:
+    for split, text in (("dev", dev_text), ("test", test_text)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        f = root / split / f"math_{split}.csv"
+        f.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return root
+
+
+CMMLU_HEADER = ",Question,A,B,C,D,Answer\n"
+CMMLU_GOOD = CMMLU_HEADER + "0,一加一等于几？,1,2,3,4,B\n"
+
+
+def _cmmlu_tree(root: Path, test: str | bytes = CMMLU_GOOD) -> Path:
+    for split, text in (("dev", CMMLU_GOOD), ("test", test)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        (root / split / "math.csv").write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return root
+
+
+def _error(fn, *args) -> str:
+    with pytest.raises(DataError) as ei:
+        fn(*args)
+    msg = str(ei.value)
+    assert "\n" not in msg, "DataError messages must be one line"
+    return msg
+
+
+def test_tiny_mmlu_ok_and_na_stays_text(tmp_path):
+    data = read_mmlu(_mmlu_tree(tmp_path, "\ufeff" + GOOD + GOOD.replace("1+1", "2+2")))
+    assert [q.id for q in data["test"]] == ["mmlu/test/math/0", "mmlu/test/math/1"]
+    q = data["test"][0]
+    assert q.question == "What is 1+1?"  # BOM stripped
+    assert q.choices == ("1", "2", "3", "NA")
+    assert q.source == f"{tmp_path}/test/math_test.csv:1"
+    assert "val" not in data
+
+
+def test_mmlu_optional_val_split(tmp_path):
+    _mmlu_tree(tmp_path)
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "math_val.csv").write_text(GOOD)
+    assert [q.id for q in read_mmlu(tmp_path)["val"]] == ["mmlu/val/math/0"]
+
+
+def test_mmlu_missing_column(tmp_path):
+    msg = _error(read_mmlu, _mmlu_tree(tmp_path, GOOD + "Q2?,1,2,3,B\n"))
+    assert "math_test.csv:2" in msg and "expected 6 fields" in msg and "found 5" in msg
+
+
+def test_mmlu_extra_column(tmp_path):
+    msg = _error(read_mmlu, _mmlu_tree(tmp_path, GOOD + "Q2?,1,2,3,4,B,x\n"))
+    assert "math_test.csv:2" in msg and "found 7" in msg
+
+
+def test_mmlu_bad_answer_names_file_and_row(tmp_path):
+    msg = _error(read_mmlu, _mmlu_tree(tmp_path, GOOD + '"multi\nline?",1,2,3,4,B\nQ3?,1,2,3,4,E\n'))
+    # Line 4: the previous row spans lines 2-3.
+    assert "math_test.csv:4" in msg and "A, B, C, D" in msg and "'E'" in msg
+
+
+def test_mmlu_lowercase_answer_rejected(tmp_path):
+    assert "'b'" in _error(read_mmlu, _mmlu_tree(tmp_path, "Q?,1,2,3,4,b\n"))
+
+
+def test_mmlu_answer_whitespace_stripped(tmp_path):
+    assert read_mmlu(_mmlu_tree(tmp_path, "Q?,1,2,3,4, C \n"))["test"][0].answer == "C"
+
+
+def test_mmlu_empty_question(tmp_path):
+    msg = _error(read_mmlu, _mmlu_tree(tmp_path, GOOD + '"  ",1,2,3,4,A\n'))
+    assert "math_test.csv:2" in msg and "empty question" in msg
+
+
+def test_mmlu_empty_option(tmp_path):
+    msg = _error(read_mmlu, _mmlu_tree(tmp_path, "Q?,1,,3,4,A\n"))
+    assert "math_test.csv:1" in msg and "option B" in msg
+
+
+def test_mmlu_no_dev_dir(tmp_path):
+    _mmlu_tree(tmp_path)
+    for f in (tmp_path / "dev").iterdir():
+        f.unlink()
+    (tmp_path / "dev").rmdir()
+    msg = _error(read_mmlu, tmp_path)
+    assert str(tmp_path / "dev") in msg and "dev" in msg
+
+
+def test_mmlu_empty_split_dir(tmp_path):
+    _mmlu_tree(tmp_path)
+    (tmp_path / "test" / "math_test.csv").unlink()
+    assert "no .csv files" in _error(read_mmlu, tmp_path)
+
+
+def test_missing_root(tmp_path):
+    assert str(tmp_path / "nope") in _error(read_mmlu, tmp_path / "nope")
+    assert str(tmp_path / "nope") in _error(read_cmmlu, tmp_path / "nope")
+
+
+def test_mmlu_bad_file_name(tmp_path):
+    _mmlu_tree(tmp_path)
+    (tmp_path / "test" / "math_test.csv").rename(tmp_path / "test" / "math.csv")
+    assert "<subject>_test.csv" in _error(read_mmlu, tmp_path)
+
+
+def test_cmmlu_gbk_copy_reads_same_as_utf8(tmp_path, caplog):
+    src = _data("cmmlu") / "dev" / "agronomy.csv"
+    text = src.read_text(encoding="utf-8")
+    utf8 = read_cmmlu(_cmmlu_tree(tmp_path / "u", text.encode("utf-8")))["test"]
+    with caplog.at_level(logging.WARNING, logger="finetune.data"):
+        gbk = read_cmmlu(_cmmlu_tree(tmp_path / "g", text.encode("gbk")))["test"]
+    assert any("GBK" in r.getMessage() for r in caplog.records)
+
+    def strip(qs):
+        return [(q.id, q.subject, q.question, q.choices, q.answer, q.source.rsplit(":", 1)[1]) for q in qs]
+
+    assert len(gbk) == 5 and strip(gbk) == strip(utf8)
+
+
+def test_neither_utf8_nor_gbk(tmp_path):
+    # Latin-1 "é" followed by a comma: invalid UTF-8 and invalid GB18030.
+    f = tmp_path / "latin1.csv"
+    f.write_bytes("Café?,1,2,3,4,A\n".encode("latin-1"))
+    with pytest.raises(DataError) as ei:
+        read_text(f)
+    assert str(ei.value) == f"{f}: not UTF-8 (byte 0xe9 at offset 3) and not GBK/GB18030 text; re-save it as UTF-8"
+    # Valid GB18030 bytes (a 4-byte code for U+0080) but no Chinese text: still rejected.
+    g = tmp_path / "junk.csv"
+    g.write_bytes(b"Q?,1,2,3,4,A\n\x81\x30\x81\x30\n")
+    assert "byte 0x81 at offset 13" in _error(read_text, g)
+    # And through a reader.
+    msg = _error(read_mmlu, _mmlu_tree(tmp_path / "m", "Café?,1,2,3,4,A\n".encode("latin-1")))
+    assert "math_test.csv: not UTF-8" in msg
+
+
+def test_cmmlu_header_missing_answer(tmp_path):
+    bad = ",Question,A,B,C,D\n0,一加一等于几？,1,2,3,4\n"
+    msg = _error(read_cmmlu, _cmmlu_tree(tmp_path / "a", bad))
+    assert "math.csv:1" in msg and "lacks column 'Answer'" in msg
+    # Column renamed but rows intact: still reported as the missing column, not a field count.
+    bad = CMMLU_GOOD.replace("Answer", "Key")
+    msg = _error(read_cmmlu, _cmmlu_tree(tmp_path / "b", bad))
+    assert "math.csv:1" in msg and "lacks column 'Answer'" in msg
+    # Only the header shorter than the rows.
+    bad = ",Question,A,B,C,D\n0,一加一等于几？,1,2,3,4,B\n"
+    assert "lacks column 'Answer'" in _error(read_cmmlu, _cmmlu_tree(tmp_path / "c", bad))
+
+
+def test_cmmlu_row_errors(tmp_path):
+    msg = _error(read_cmmlu, _cmmlu_tree(tmp_path / "a", CMMLU_GOOD + "1,问题,1,2,3,4,E\n"))
+    assert "math.csv:3" in msg and "'E'" in msg
+    msg = _error(read_cmmlu, _cmmlu_tree(tmp_path / "b", CMMLU_GOOD + "1,问题,1,2,3,B\n"))
+    assert "math.csv:3" in msg and "expected 7 fields" in msg
+
+
+def test_cmmlu_no_dev_dir(tmp_path):
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "math.csv").write_text(CMMLU_GOOD, encoding="utf-8")
+    assert str(tmp_path / "dev") in _error(read_cmmlu, tmp_path)

@@ -1,0 +1,95 @@
+"""Prompt strings for both styles and the alpaca round trip."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.data.prompts import (
+    STYLES,
+    build_prompt,
+    format_question,
+    from_alpaca_prompt,
+    header,
+    target,
+    to_alpaca,
+    write_alpaca_json,
+)
+from finetune.data.records import Question
+
+
+def _q(i: int, answer: str = "B") -> Question:
+    return Question(
+        id=f"mmlu/test/high_school_math/{i}",
+        subject="high_school_math",
+        question=f"What is {i}+1?",
+        choices=(str(i), str(i + 1), str(i + 2), "None"),
+        answer=answer,
+        source=f"x.csv:{i + 1}",
+    )
+
+
+Q, S1, S2 = _q(0), _q(1, "A"), _q(2, "C")
+
+
+def test_mmlu_zero_shot():
+    assert build_prompt(Q, "mmlu") == (
+        "The following are multiple choice questions (with answers) about high school math.\n\n"
+        "What is 0+1?\nA. 0\nB. 1\nC. 2\nD. None\nAnswer:"
+    )
+    assert target(Q, "mmlu") == " B"
+
+
+def test_mmlu_two_shot():
+    assert build_prompt(Q, "mmlu", [S1, S2]) == (
+        "The following are multiple choice questions (with answers) about high school math.\n\n"
+        "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. None\nAnswer: A\n\n"
+        "What is 2+1?\nA. 2\nB. 3\nC. 4\nD. None\nAnswer: C\n\n"
+        "What is 0+1?\nA. 0\nB. 1\nC. 2\nD. None\nAnswer:"
+    )
+
+
+def test_cmmlu_zero_and_two_shot():
+    assert header("high_school_math", "cmmlu") == "以下是关于high school math的单项选择题，请直接给出正确答案的选项。"
+    assert format_question(Q, "cmmlu") == "题目：What is 0+1?\nA. 0\nB. 1\nC. 2\nD. None\n答案是："
+    assert target(Q, "cmmlu") == "B"
+    assert build_prompt(Q, "cmmlu") == (
+        "以下是关于high school math的单项选择题，请直接给出正确答案的选项。\n\n"
+        "题目：What is 0+1?\nA. 0\nB. 1\nC. 2\nD. None\n答案是："
+    )
+    assert build_prompt(Q, "cmmlu", (S1, S2)) == (
+        "以下是关于high school math的单项选择题，请直接给出正确答案的选项。\n\n"
+        "题目：What is 1+1?\nA. 1\nB. 2\nC. 3\nD. None\n答案是：A\n\n"
+        "题目：What is 2+1?\nA. 2\nB. 3\nC. 4\nD. None\n答案是：C\n\n"
+        "题目：What is 0+1?\nA. 0\nB. 1\nC. 2\nD. None\n答案是："
+    )
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("shots", [(), (S1, S2)])
+def test_alpaca_round_trip(style, shots):
+    rec = to_alpaca(Q, style, shots)
+    assert set(rec) == {"instruction", "input", "output", "id", "subject"}
+    assert rec["instruction"] == header(Q.subject, style)
+    assert rec["output"] == target(Q, style)
+    assert (rec["id"], rec["subject"]) == (Q.id, Q.subject)
+    assert rec["instruction"] + "\n\n" + rec["input"] + rec["output"] == build_prompt(Q, style, shots) + target(Q, style)
+    assert from_alpaca_prompt(rec) == build_prompt(Q, style, shots)
+
+
+def test_unknown_style():
+    with pytest.raises(ValueError, match="unknown prompt style"):
+        build_prompt(Q, "gsm8k")
+
+
+def test_write_alpaca_json(tmp_path):
+    recs = [to_alpaca(Q, "cmmlu", (S1,)), to_alpaca(S2, "mmlu")]
+    out = tmp_path / "sub" / "train.json"
+    write_alpaca_json(recs, out)
+    raw = out.read_text(encoding="utf-8")
+    assert "以下是关于" in raw  # ensure_ascii=False: Chinese stays readable
+    assert raw.startswith('[\n {\n  "instruction"')  # indent=1
+    assert json.loads(raw) == recs
+    assert sorted(p.name for p in out.parent.iterdir()) == ["train.json"]  # no .tmp left behind
+    write_alpaca_json(recs[:1], out)  # overwrite in place
+    assert json.loads(out.read_text(encoding="utf-8")) == recs[:1]
