@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed
 # Re-install when pyproject.toml changes. Needs the package index only (no other network).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -26,6 +26,17 @@ def setup_context(hw, seed: int) -> None:
         kwargs["max_device_memory"] = hw.max_device_memory
     ms.set_context(**kwargs)
     ms.set_seed(seed)
+    quiet_mindformers()
+
+
+def quiet_mindformers() -> None:
+    """MindFormers logs INFO lines to stdout for every model built; keep its warnings and errors
+    on the terminal (its full log still goes to <run dir>/mindformers/log)."""
+    import mindformers  # noqa: F401  (creates its logger)
+
+    for handler in logging.getLogger("mindformers").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
 
 
 def llama_config(model_cfg, hw, vocab_size: int, tok, batch_size: int):
@@ -111,7 +122,9 @@ def save_checkpoint(params: list, path: str | Path) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix != ".ckpt":
+        raise ModelError(f"checkpoint file names must end in .ckpt (MindSpore appends it otherwise): {path}")
+    tmp = path.with_name(path.stem + ".tmp.ckpt")
     ms.save_checkpoint([{"name": name, "data": p} for name, p in params], str(tmp))
     tmp.replace(path)
 

@@ -142,7 +142,7 @@ class TrackingConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
+    epochs: int = 6
     batch_size: int = 16           # per device, per micro-step
     max_steps: Optional[int] = None  # optimizer steps cap, for quick runs
     shuffle: bool = True

@@ -1,0 +1,169 @@
+"""MLflow tracking against a real SQLite store (no mocks), plus flatten / sanitize."""
+from __future__ import annotations
+
+import finetune  # noqa: F401  (first: sets the protobuf env var before MLflow imports protobuf)
+
+import math
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from finetune.tracking import MAX_PARAM_VALUE, Tracker, default_uri, flatten, sanitize
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module: creating (migrating) a new database costs seconds."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return root, default_uri(root)
+
+
+def _tracker(store, experiment: str, **kw) -> Tracker:
+    root, uri = store
+    return Tracker(uri=uri, experiment=experiment, run_name="r", artifact_root=root / "art",
+                   tags={"dataset": "demo"}, **kw)
+
+
+def test_default_uri_is_an_absolute_sqlite_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert default_uri("out") == f"sqlite:///{(tmp_path / 'out' / 'mlflow.db').resolve()}"
+    assert default_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_run_round_trip(store, tmp_path):
+    root, uri = store
+    t = _tracker(store, "t")
+    assert t.run_id
+    t.log_params(flatten({"lora": {"rank": 8, "alpha": 16.0}, "stages": ["prepare", "train"],
+                          "model": {"tokenizer": {"kind": "tiktoken", "path": None}}}))
+    for step, loss in ((1, 2.5), (2, 1.25), (3, 0.5)):
+        t.log_metrics({"loss": loss, "lr": 1e-3 * step}, step=step)
+    t.log_metrics({"mc_accuracy": 0.75, "acc.high school(x)": 0.5})
+    f = tmp_path / "summary.json"
+    f.write_text('{"status": "FINISHED"}')
+    t.log_artifact(f)
+    t.log_artifact(tmp_path / "does_not_exist.json")   # absent files are skipped, not an error
+    t.end("FINISHED")
+
+    c = MlflowClient(uri)
+    run = c.get_run(t.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "r"
+    assert run.data.params == {"lora.rank": "8", "lora.alpha": "16.0", "stages": "['prepare', 'train']",
+                               "model.tokenizer.kind": "tiktoken", "model.tokenizer.path": "None"}
+    assert run.data.tags["dataset"] == "demo"
+    hist = sorted((m.step, m.value) for m in c.get_metric_history(t.run_id, "loss"))
+    assert hist == [(1, 2.5), (2, 1.25), (3, 0.5)]
+    assert [m.step for m in sorted(c.get_metric_history(t.run_id, "lr"), key=lambda m: m.step)] == [1, 2, 3]
+    assert run.data.metrics["loss"] == 0.5          # latest = the last step
+    assert run.data.metrics["mc_accuracy"] == 0.75
+    assert run.data.metrics["acc.high school_x_"] == 0.5   # sanitized name
+    assert [a.path for a in c.list_artifacts(t.run_id)] == ["summary.json"]
+    exp = c.get_experiment(run.info.experiment_id)
+    assert exp.name == "t"
+    assert exp.artifact_location == (root / "art").resolve().as_uri()
+
+
+def test_second_run_reuses_the_experiment(store):
+    a, b = _tracker(store, "t2"), _tracker(store, "t2")
+    a.end("FINISHED")
+    b.end("FINISHED")
+    c = MlflowClient(store[1])
+    assert c.get_run(a.run_id).info.experiment_id == c.get_run(b.run_id).info.experiment_id
+    assert a.run_id != b.run_id
+
+
+def test_failed_run_and_skipped_metric_values(store):
+    t = _tracker(store, "t3")
+    t.log_metrics({"ok": 1.0, "count": 3, "nan": math.nan, "inf": math.inf, "neg_inf": -math.inf,
+                   "flag": True, "text": "x", "none": None})
+    t.log_metrics({"loss": math.nan}, step=1)   # a non-finite step value is dropped too
+    t.log_metrics({"loss": 0.25}, step=2)
+    t.end("FAILED")
+
+    c = MlflowClient(store[1])
+    run = c.get_run(t.run_id)
+    assert run.info.status == "FAILED"
+    assert run.info.end_time is not None
+    assert run.data.metrics == {"ok": 1.0, "count": 3.0, "loss": 0.25}
+    assert [(m.step, m.value) for m in c.get_metric_history(t.run_id, "loss")] == [(2, 0.25)]
+    for name in ("nan", "inf", "neg_inf", "flag", "text", "none"):
+        assert c.get_metric_history(t.run_id, name) == []
+
+
+def test_end_flushes_buffered_step_metrics(store):
+    t = _tracker(store, "t4")
+    t.log_metrics({"loss": 1.0}, step=1)        # buffered (fewer than FLUSH_EVERY points)
+    t.end("KILLED")
+    c = MlflowClient(store[1])
+    assert c.get_run(t.run_id).info.status == "KILLED"
+    assert [(m.step, m.value) for m in c.get_metric_history(t.run_id, "loss")] == [(1, 1.0)]
+
+
+def test_many_params_are_batched(store):
+    t = _tracker(store, "t5")
+    params = flatten({"g": {f"k{i:03d}": i for i in range(250)}})   # > MLflow's 100 per log_batch
+    t.log_params(params)
+    t.end("FINISHED")
+    assert MlflowClient(store[1]).get_run(t.run_id).data.params == params
+
+
+def test_tracker_without_uri_is_a_no_op(tmp_path):
+    t = Tracker()
+    assert t.client is None and t.run_id is None
+    t.log_params({"a": "1"})
+    t.log_metrics({"a": 1.0}, step=1)
+    t.log_metrics({"a": 1.0})
+    t.set_tags({"a": 1})
+    t.log_artifact(tmp_path)
+    t.flush()
+    t.end("FINISHED")
+
+
+# ---------------------------------------------------------------------------------------- flatten
+
+def test_flatten_nested_dicts_get_dotted_keys():
+    assert flatten({"a": {"b": 1, "c": {"d": 2.5}}, "e": "x", "f": None, "g": True}) == {
+        "a.b": "1", "a.c.d": "2.5", "e": "x", "f": "None", "g": "True"}
+
+
+def test_flatten_lists_stay_one_value():
+    assert flatten({"c": [1, 2], "s": ["prepare", "train"], "n": {"l": [{"x": 1}]}}) == {
+        "c": "[1, 2]", "s": "['prepare', 'train']", "n.l": "[{'x': 1}]"}
+
+
+def test_flatten_truncates_long_values():
+    out = flatten({"long": "y" * 10000, "nested": {"list": list(range(5000))}, "short": "z" * MAX_PARAM_VALUE})
+    assert MAX_PARAM_VALUE == 6000
+    assert out["long"] == "y" * 6000
+    assert len(out["nested.list"]) == 6000
+    assert out["nested.list"].startswith("[0, 1, 2")
+    assert out["short"] == "z" * 6000
+
+
+def test_flatten_prefix():
+    assert flatten({"a": 1}, "p.") == {"p.a": "1"}
+    assert flatten({}) == {}
+
+
+# --------------------------------------------------------------------------------------- sanitize
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("loss", "loss"),
+    ("acc.high_school_math", "acc.high_school_math"),
+    ("eval/mc-accuracy 0.5", "eval/mc-accuracy 0.5"),
+    ("acc(x)", "acc_x_"),
+    ("a:b,c;d=e", "a_b_c_d_e"),
+    ("acc.中国语言文学", "acc.中国语言文学"),   # unicode letters are alphanumeric (MLflow's \w accepts them)
+    ("", ""),
+])
+def test_sanitize(name, expected):
+    assert sanitize(name) == expected
+
+
+def test_sanitized_names_are_accepted_by_mlflow(store):
+    t = _tracker(store, "t6")
+    names = ["acc(x)", "a:b,c;d=e", "acc.中国语言文学", "p@q#r"]
+    t.log_metrics({n: 1.0 for n in names})
+    t.end("FINISHED")
+    assert set(MlflowClient(store[1]).get_run(t.run_id).data.metrics) == {sanitize(n) for n in names}
