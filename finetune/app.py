@@ -25,8 +25,14 @@ class ConfigError(ValueError):
 
 def validate(cfg) -> None:
     """Cross-key checks that fail fast, before data or weights are touched."""
+    from omegaconf.errors import MissingMandatoryValue
+
     from .data.prompts import STYLES
 
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key}: a value is required (e.g. {e.full_key}=...)") from None
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad or not cfg.stages:
         raise ConfigError(f"stages: unknown stage(s) {bad or '[]'}; choose from {list(STAGES)}")
@@ -139,7 +145,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg, run_dir)
     except (ConfigError, DataError, ModelError, TokenizerError) as e:
-        # Known bad input: one line, no traceback; the MLflow run is already marked FAILED.
+        # Known bad input: one line, no traceback (an MLflow run, if one was opened, is marked FAILED).
         print(f"finetune: error: {e}", file=sys.stderr)
         sys.exit(2)
     log.info("summary: %s", run_dir / "summary.json")

@@ -119,48 +119,52 @@ def prepare(cfg, tok) -> Path:
 
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "questions").mkdir(parents=True)
-    for name, qs in chosen.items():
-        prompts.write_alpaca_json([prompts.to_alpaca(q, ds.style) for q in qs], tmp / "alpaca" / f"{name}.json")
-        (tmp / "questions" / f"{name}.json").write_text(
-            json.dumps([dataclasses.asdict(q) for q in qs], ensure_ascii=False, indent=0), encoding="utf-8")
+    try:
+        (tmp / "questions").mkdir(parents=True)
+        for name, qs in chosen.items():
+            prompts.write_alpaca_json([prompts.to_alpaca(q, ds.style) for q in qs], tmp / "alpaca" / f"{name}.json")
+            (tmp / "questions" / f"{name}.json").write_text(
+                json.dumps([dataclasses.asdict(q) for q in qs], ensure_ascii=False, indent=0), encoding="utf-8")
 
-    examples, too_long = [], 0
-    for q in chosen["train"]:
-        ex = encode_example(prompts.build_prompt(q, ds.style), prompts.target(q, ds.style), tok, cfg.model.seq_length)
-        if ex is None:
-            too_long += 1
-        else:
-            examples.append(ex)
-    if not examples:
-        raise DataError(f"model.seq_length={cfg.model.seq_length}: every one of {len(chosen['train'])} training "
-                        f"questions is longer; raise it")
-    if too_long:
-        log.warning("prepare: %d of %d training questions exceed model.seq_length=%d tokens and are left out",
-                    too_long, len(chosen["train"]), cfg.model.seq_length)
-    (tmp / "mindrecord").mkdir()
-    write_shards(examples, tmp / "mindrecord" / "train.mindrecord", cfg.parallel.data_parallel)
-    if corpus:
-        (tmp / "corpus.json").write_text(json.dumps(corpus, ensure_ascii=False, indent=0), encoding="utf-8")
+        examples, too_long = [], 0
+        for q in chosen["train"]:
+            ex = encode_example(prompts.build_prompt(q, ds.style), prompts.target(q, ds.style), tok, cfg.model.seq_length)
+            if ex is None:
+                too_long += 1
+            else:
+                examples.append(ex)
+        if not examples:
+            raise DataError(f"model.seq_length={cfg.model.seq_length}: every one of {len(chosen['train'])} training "
+                            f"questions is longer; raise it")
+        if too_long:
+            log.warning("prepare: %d of %d training questions exceed model.seq_length=%d tokens and are left out",
+                        too_long, len(chosen["train"]), cfg.model.seq_length)
+        (tmp / "mindrecord").mkdir()
+        write_shards(examples, tmp / "mindrecord" / "train.mindrecord", cfg.parallel.data_parallel)
+        if corpus:
+            (tmp / "corpus.json").write_text(json.dumps(corpus, ensure_ascii=False, indent=0), encoding="utf-8")
 
-    meta = {
-        "dataset": ds.name,
-        "dataset_rows": {split: len(qs) for split, qs in sorted(splits.items())},
-        "train_questions": len(chosen["train"]),
-        "train_examples": len(examples),
-        "train_too_long": too_long,
-        "eval_questions": len(chosen["eval"]),
-        "dev_questions": len(chosen["dev"]),
-        "subjects": sorted({q.subject for q in chosen["eval"]}),
-        "num_shards": cfg.parallel.data_parallel,
-        "seq_length": cfg.model.seq_length,
-        "tokenizer": tok.name,
-        "has_corpus": bool(corpus),
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    if out.exists():  # a half-built folder without meta.json from an older crash
-        shutil.rmtree(out)
-    tmp.rename(out)
+        meta = {
+            "dataset": ds.name,
+            "dataset_rows": {split: len(qs) for split, qs in sorted(splits.items())},
+            "train_questions": len(chosen["train"]),
+            "train_examples": len(examples),
+            "train_too_long": too_long,
+            "eval_questions": len(chosen["eval"]),
+            "dev_questions": len(chosen["dev"]),
+            "subjects": sorted({q.subject for q in chosen["eval"]}),
+            "num_shards": cfg.parallel.data_parallel,
+            "seq_length": cfg.model.seq_length,
+            "tokenizer": tok.name,
+            "has_corpus": bool(corpus),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        if out.exists():  # a half-built folder without meta.json from an older crash
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-built folder behind
+        raise
     log.info("prepared data: %s (%d training examples, %d eval questions)", out, len(examples), len(chosen["eval"]))
     return out
 

@@ -28,7 +28,7 @@ class DemoConfig:
 @dataclass
 class DatasetConfig:
     name: str = MISSING            # demo | mmlu | cmmlu
-    path: Optional[str] = None     # folder with dev/ test/ (val/) CSVs; unused by demo
+    path: Optional[str] = MISSING  # folder with dev/ test/ (val/) CSVs; null for the demo
     style: str = "mmlu"            # prompt template: mmlu | cmmlu
     train_split: str = "train"
     eval_split: str = "test"
@@ -44,7 +44,7 @@ class DatasetConfig:
 @dataclass
 class TokenizerConfig:
     kind: str = "tiktoken"         # tiktoken | sentencepiece
-    path: Optional[str] = None     # rank file / tokenizer.model; null = built-in demo encoding (tiktoken)
+    path: Optional[str] = MISSING  # rank file / tokenizer.model; null = built-in demo encoding (tiktoken)
 
 
 @dataclass
@@ -59,7 +59,7 @@ class PretrainConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    checkpoint: Optional[str] = None   # MindSpore .ckpt of the base; null = random init (+ pretrain)
+    checkpoint: Optional[str] = MISSING  # MindSpore .ckpt of the base; null = random init (+ pretrain)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     vocab_size: Optional[int] = None   # null = the tokenizer's
     hidden_size: int = MISSING

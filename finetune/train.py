@@ -135,7 +135,7 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, *, batch_size: int, epoc
                     loss = micro_step(x, y)
                 else:
                     loss, norm, finite = full_step(x, y)
-                loss_sum += float(loss.asnumpy()) / scale
+                loss_sum += float(loss.asnumpy().item()) / scale
                 step_tokens += int((ids[idx][:, :-1] != pad_id).sum())
             dt = time.perf_counter() - t0
             step += 1

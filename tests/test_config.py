@@ -160,11 +160,6 @@ def test_wrong_type_fails_naming_the_key():
     assert "lora.rank" in _chain(ei.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: '???' in an option YAML is dropped when merged onto a schema default of None "
-    "(OmegaConf.merge never overrides with MISSING), so the key composes as null instead of failing. "
-    "Fix: default DatasetConfig.path / ModelConfig.checkpoint / TokenizerConfig.path to MISSING in "
-    "finetune/schema.py and set `path: null` in conf/dataset/demo.yaml."))
 @pytest.mark.parametrize(("group", "option", "key"), WITH_REQUIRED,
                          ids=[f"{g}={f.stem}:{k}" for g, f, k in WITH_REQUIRED])
 def test_required_value_missing_fails_naming_it(group, option, key):
@@ -227,3 +222,11 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path):
     assert "stages" in errors[0] and "nope" in errors[0]
     assert "Traceback" not in proc.stderr
     assert seconds < 30, f"took {seconds:.1f}s: validate() should fail before any heavy work"
+
+
+def test_validate_names_a_missing_required_value():
+    from finetune.app import ConfigError, validate
+
+    cfg = _compose(["model=internlm_7b", "model.tokenizer.path=/x/tokenizer.model"])
+    with pytest.raises(ConfigError, match=r"model\.checkpoint: a value is required"):
+        validate(cfg)

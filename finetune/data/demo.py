@@ -114,10 +114,14 @@ def questions(world: dict[str, str], seed: int, test_fraction: float, dev_per_su
     train: every subject for the training words; dev: the first `dev_per_subject` of them per
     subject (k-shot examples, as MMLU's dev split); test: every subject for the held-out words."""
     rng = random.Random(seed + 3)
-    words = sorted(world)
-    rng.shuffle(words)
-    n_test = round(len(words) * test_fraction)
-    groups = {"test": sorted(words[:n_test]), "train": sorted(words[n_test:])}
+    groups: dict[str, list[str]] = {"test": [], "train": []}
+    for kind in KINDS:  # stratified, so every split's answers stay balanced
+        words = sorted(w for w, k in world.items() if k == kind)
+        rng.shuffle(words)
+        n_test = round(len(words) * test_fraction)
+        groups["test"] += words[:n_test]
+        groups["train"] += words[n_test:]
+    groups = {k: sorted(v) for k, v in groups.items()}
     out: dict[str, list[Question]] = {"train": [], "dev": [], "test": []}
     for split, group in groups.items():
         for subject, (template, options) in SUBJECTS.items():

@@ -1,0 +1,84 @@
+"""The `finetune` command end to end (subprocess), recorded in a real MLflow SQLite store."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+FINETUNE = [str(Path(sys.executable).with_name("finetune"))]
+QUICK = ["model.pretrain.epochs=1", "dataset.demo.num_words=40", "train.max_steps=4", "eval.limit=12"]
+
+
+def _run(args, tmp_path, run="run"):
+    cmd = FINETUNE + [f"output_root={tmp_path}", f"hydra.run.dir={tmp_path / run}", *args]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    proc = _run(QUICK, tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, json.loads((tmp / "run" / "summary.json").read_text())
+
+
+def test_summary_has_every_figure(pipeline):
+    tmp, s = pipeline
+    for key in ("mc_accuracy", "mc_accuracy_base", "per_subject_accuracy", "trainable_params", "total_params",
+                "trainable_ratio_pct", "trainable_ratio_pct_with_adapter", "train_loss_first", "train_loss_last",
+                "train_tokens_per_s", "dataset_rows", "mlflow_run_id"):
+        assert key in s, key
+    assert s["status"] == "FINISHED"
+    assert s["dataset_rows"] == {"dev": 15, "test": 24, "train": 96}   # 2 of 10 words per kind held out
+    assert s["trainable_params"] == 28672
+    assert s["trainable_ratio_pct"] == pytest.approx(100 * 28672 / s["total_params"])
+    assert s["trainable_ratio_pct_with_adapter"] == pytest.approx(100 * 28672 / (s["total_params"] + 28672))
+    assert s["train_steps"] == 4 and s["eval_questions"] == 12
+    assert set(s["per_subject_accuracy"]) <= {"kind", "use", "place"}
+    assert (tmp / "run" / "adapter.ckpt").is_file()
+    assert len((tmp / "run" / "eval_predictions.jsonl").read_text().splitlines()) == 12
+
+
+def test_mlflow_run_recorded(pipeline):
+    from mlflow.tracking import MlflowClient
+
+    tmp, s = pipeline
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    run = client.get_run(s["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lora.rank"] == "8" and run.data.params["model.name"] == "tiny"
+    assert run.data.params["optimizer.learning_rate"] == "0.005"          # resolved interpolation
+    assert run.data.tags["dataset"] == "demo" and run.data.tags["hardware"] == "CPU"
+    m = run.data.metrics
+    assert m["mc_accuracy"] == pytest.approx(s["mc_accuracy"]) and m["trainable_ratio_pct"] > 0
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4
+    assert {h.step for h in client.get_metric_history(run.info.run_id, "train_lr")} == {1, 2, 3, 4}
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.json", "config_resolved.yaml", "hydra", "eval_predictions.jsonl"} <= arts
+
+
+def test_evaluate_stage_alone_reuses_the_run_dir(pipeline):
+    tmp, first = pipeline
+    proc = _run(QUICK + ["stages=[evaluate]", "eval.base=false"], tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp / "run" / "summary.json").read_text())
+    assert s["mc_accuracy"] == pytest.approx(first["mc_accuracy"])   # same adapter, same questions
+    assert s["mlflow_run_id"] != first["mlflow_run_id"]
+
+
+def test_failure_is_one_line_and_marks_the_run_failed(pipeline):
+    from mlflow.tracking import MlflowClient
+
+    tmp, _ = pipeline
+    proc = _run(QUICK + ["stages=[evaluate]", "eval.adapter=/nonexistent/adapter.ckpt"], tmp, run="bad")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("finetune: error:")]
+    assert errors == ["finetune: error: eval.adapter: /nonexistent/adapter.ckpt not found"]
+    assert "Traceback" not in proc.stderr
+    s = json.loads((tmp / "bad" / "summary.json").read_text())
+    assert s["status"] == "FAILED"
+    run = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_run(s["mlflow_run_id"])
+    assert run.info.status == "FAILED"
