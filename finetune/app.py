@@ -48,6 +48,9 @@ def validate(cfg) -> None:
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(f"model.hidden_size={cfg.model.hidden_size} is not divisible by "
                           f"model.num_heads={cfg.model.num_heads}")
+    if cfg.hardware.compute_dtype == "float16" and cfg.hardware.loss_scale.kind == "none":
+        raise ConfigError("hardware.loss_scale.kind: float16 compute needs a dynamic loss scale "
+                          "(hardware.loss_scale.kind=dynamic), or gradients underflow silently")
     if cfg.eval.num_shots < 0:
         raise ConfigError(f"eval.num_shots: expected >= 0, got {cfg.eval.num_shots}")
 

@@ -230,3 +230,11 @@ def test_validate_names_a_missing_required_value():
     cfg = _compose(["model=internlm_7b", "model.tokenizer.path=/x/tokenizer.model"])
     with pytest.raises(ConfigError, match=r"model\.checkpoint: a value is required"):
         validate(cfg)
+
+
+def test_float16_without_loss_scale_is_refused():
+    from finetune.app import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="hardware.loss_scale.kind"):
+        validate(_compose(["hardware.compute_dtype=float16"]))
+    validate(_compose(["hardware.compute_dtype=float16", "hardware.loss_scale.kind=dynamic"]))
