@@ -80,6 +80,18 @@ def llama_config(model_cfg, hw, vocab_size: int, tok, batch_size: int):
 IGNORE_ID = -100
 
 
+def resolve_model_config(model_cfg) -> None:
+    """When model.checkpoint is a Hugging Face folder, its config.json defines the architecture:
+    copy those fields into model_cfg (in place), overriding the group's values."""
+    from .hf import is_hf_dir, read_hf_config
+
+    if model_cfg.checkpoint and is_hf_dir(model_cfg.checkpoint):
+        for key, value in read_hf_config(model_cfg.checkpoint).items():
+            if model_cfg[key] != value:
+                log.info("model.%s = %s (from %s/config.json)", key, value, model_cfg.checkpoint)
+            model_cfg[key] = value
+
+
 def vocab_size_for(model_cfg, tok) -> int:
     vocab = model_cfg.vocab_size or tok.vocab_size
     if vocab < tok.vocab_size:
@@ -97,23 +109,34 @@ def build_model(model_cfg, hw, tok, batch_size: int, seed: int):
 
 
 def load_checkpoint(net, path: str | Path, what: str = "model.checkpoint") -> None:
-    """Load a MindSpore checkpoint into `net`, insisting every base parameter is present with
-    the right shape (a silently half-loaded model is the worst outcome)."""
+    """Load a MindSpore .ckpt into `net` (see load_weights for the checks)."""
     import mindspore as ms
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{what}: checkpoint {path} not found")
-    params = ms.load_checkpoint(str(path))
+    try:
+        params = ms.load_checkpoint(str(path))
+    except Exception as e:  # truncated / not a checkpoint: name the file, not MindSpore's internals
+        raise ModelError(f"{what}: cannot read {path} as a MindSpore checkpoint ({str(e).splitlines()[0]})") from None
+    load_weights(net, {k: v.asnumpy() for k, v in params.items()}, f"{what} {path}")
+
+
+def load_weights(net, params: dict, what: str) -> None:
+    """Copy numpy tensors into `net`, insisting that every base parameter is present with the
+    shape the model config implies (a silently half-loaded model is the worst outcome)."""
+    import mindspore as ms
+
     expected = {p.name: p for p in net.get_parameters() if "mindpet_delta" not in p.name}
     missing = sorted(set(expected) - set(params))
     if missing:
-        raise ModelError(f"{what}: {path} lacks {len(missing)} parameter(s) the model needs, e.g. {missing[:3]}")
+        raise ModelError(f"{what}: lacks {len(missing)} parameter(s) the model needs, e.g. {missing[:3]}")
     for name, p in expected.items():
         if tuple(params[name].shape) != tuple(p.shape):
-            raise ModelError(f"{what}: {path}: {name} has shape {tuple(params[name].shape)}, "
+            raise ModelError(f"{what}: {name} has shape {tuple(params[name].shape)}, "
                              f"the model config needs {tuple(p.shape)}")
-    ms.load_param_into_net(net, {k: v for k, v in params.items() if k in expected}, strict_load=True)
+    ms.load_param_into_net(net, {k: ms.Parameter(ms.Tensor(params[k], p.dtype), name=k)
+                                 for k, p in expected.items()}, strict_load=True)
 
 
 def save_checkpoint(params: list, path: str | Path) -> None:

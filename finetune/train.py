@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from .data.mindrecord import read_shards
 from .lora import apply_lora, save_adapter
-from .model import ModelError, build_model, count_params, load_checkpoint, save_checkpoint, vocab_size_for
+from .hf import is_hf_dir, load_hf_state, to_mindformers
+from .model import (ModelError, build_model, count_params, load_checkpoint, load_weights, save_checkpoint,
+                    vocab_size_for)
 
 log = logging.getLogger("finetune.train")
 
@@ -184,7 +186,7 @@ def load_base(cfg, tok, prepared: Path, tracker, batch_size: int):
     pretrained on the dataset's corpus when model.pretrain.epochs > 0 (cached by content hash)."""
     net = build_model(cfg.model, cfg.hardware, tok, batch_size, cfg.seed)
     if cfg.model.checkpoint:
-        load_checkpoint(net, cfg.model.checkpoint)
+        load_base_weights(net, cfg)
         return net
     corpus_file = prepared / "corpus.json"
     if cfg.model.pretrain.epochs <= 0 or not corpus_file.is_file():
@@ -211,6 +213,27 @@ def load_base(cfg, tok, prepared: Path, tracker, batch_size: int):
     net = build_model(cfg.model, cfg.hardware, tok, batch_size, cfg.seed)
     load_checkpoint(net, ckpt, what="base cache")
     return net
+
+
+def load_base_weights(net, cfg) -> None:
+    """model.checkpoint: a MindSpore .ckpt, or a Hugging Face folder (converted once, then the
+    converted .ckpt is cached under output_root/cache/converted and loads fast next time)."""
+    ckpt = Path(cfg.model.checkpoint)
+    if not is_hf_dir(ckpt):
+        load_checkpoint(net, ckpt)
+        return
+    h = hashlib.sha256()
+    for f in sorted(ckpt.iterdir()):
+        if f.is_file():
+            h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    cached = Path(cfg.output_root).resolve() / "cache" / "converted" / f"{ckpt.name}-{h.hexdigest()[:12]}.ckpt"
+    if cached.is_file():
+        load_checkpoint(net, cached, what="converted checkpoint")
+        return
+    state = to_mindformers(load_hf_state(ckpt), cfg.model.num_layers, cfg.model.tie_word_embeddings)
+    load_weights(net, state, f"model.checkpoint {ckpt}")
+    save_checkpoint([(p.name, p) for p in net.get_parameters() if "mindpet_delta" not in p.name], cached)
+    log.info("model: converted %s -> %s", ckpt, cached)
 
 
 def train(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
