@@ -65,7 +65,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run cfg.stages in order; returns the summary (also written to run_dir/summary.json)."""
     from .tracking import Tracker, default_uri, flatten
 
+    from .model import resolve_model_config
+
     validate(cfg)
+    resolve_model_config(cfg.model)   # an HF checkpoint's config.json defines the architecture
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ["LOCAL_DEFAULT_PATH"] = str(run_dir / "mindformers")  # MindFormers' logs + adapter_config.json
     output_root = Path(cfg.output_root).resolve()
@@ -106,9 +109,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def run_stages(cfg, run_dir: Path, tracker) -> dict:
-    """Stage order is fixed (prepare -> train -> evaluate), whatever order cfg.stages lists."""
+    """Stage order is fixed (prepare -> train -> evaluate -> predict), whatever order cfg.stages lists."""
     from .evaluate import evaluate
     from .model import setup_context
+    from .predict import predict
     from .prepare import load_meta, prepare
     from .tokenizer import load_tokenizer
     from .train import train
@@ -129,6 +133,8 @@ def run_stages(cfg, run_dir: Path, tracker) -> dict:
         tracker.flush()
     if "evaluate" in cfg.stages:
         out.update(evaluate(cfg, run_dir, tok, prepared, tracker))
+    if "predict" in cfg.stages:
+        out.update(predict(cfg, run_dir, tok, prepared, tracker))
     out["seconds"] = round(time.time() - t0, 1)
     return out
 

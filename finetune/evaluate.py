@@ -10,10 +10,11 @@ import numpy as np
 
 from . import metrics
 from .data import prompts
-from .data.records import LETTERS, Question
+from .data.records import LETTERS, DataError, Question
 from .lora import apply_lora, load_adapter
 from .model import ModelError, count_params
 from .prepare import load_questions
+from .squad import contest_score, retention, squad_predictions, squad_prompt_ids, squad_score
 from .train import load_base, param_summary
 
 log = logging.getLogger("finetune.evaluate")
@@ -102,14 +103,40 @@ def evaluate(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
     if cfg.eval.adapter and not adapter.is_file():
         raise ModelError(f"eval.adapter: {adapter} not found")
 
+    squad_records, squad_ids = [], []
+    if cfg.eval.squad.path:
+        if not Path(cfg.eval.squad.path).is_file():
+            raise DataError(f"eval.squad.path: {cfg.eval.squad.path} not found")
+        try:
+            squad_records = metrics.load_squad(cfg.eval.squad.path)
+        except ValueError as e:
+            raise DataError(f"eval.squad.path: {e}") from None
+        if cfg.eval.squad.limit is not None:
+            squad_records = squad_records[:cfg.eval.squad.limit]
+        squad_ids, truncated = squad_prompt_ids(squad_records, tok, cfg.model.seq_length, cfg.eval.squad.max_new_tokens)
+        if truncated:
+            log.warning("SQuAD: %d of %d passages cut to fit model.seq_length=%d", truncated, len(squad_records),
+                        cfg.model.seq_length)
+
+    def squad(net, tag: str) -> dict:
+        preds = squad_predictions(net, squad_records, squad_ids, tok, cfg.eval.squad, cfg.model.seq_length)
+        (run_dir / f"squad_predictions{tag}.json").write_text(json.dumps(preds, ensure_ascii=False, indent=0))
+        scores = squad_score(squad_records, preds)
+        log.info("SQuAD%s: EM %.2f F1 %.2f on %d questions", tag, scores["exact_match"], scores["f1"],
+                 len(squad_records))
+        return scores
+
     net = load_base(cfg, tok, prepared, tracker, cfg.eval.batch_size)
     result: dict = {"eval_questions": len(questions), "eval_num_shots": cfg.eval.num_shots, **prompt_stats}
-    base = None
+    base = base_squad = None
     if cfg.eval.base:
         base = score(net, questions, token_lists, letter_ids, cfg, tok)
         result["mc_accuracy_base"] = base["accuracy"]
         result["per_subject_accuracy_base"] = base["per_subject"]
         log.info("base model: accuracy %.4f on %d questions", base["accuracy"], len(questions))
+        if squad_records:
+            base_squad = squad(net, "_base")
+            result.update(squad_f1_base=base_squad["f1"], squad_em_base=base_squad["exact_match"])
     tuned = None
     net = apply_lora(net, cfg.lora, run_dir / "mindformers")
     result.update(param_summary(count_params(net)))
@@ -120,6 +147,11 @@ def evaluate(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
         result["per_subject_accuracy"] = tuned["per_subject"]
         result["evaluated_adapter"] = str(adapter)
         log.info("base + adapter: accuracy %.4f", tuned["accuracy"])
+        if squad_records:
+            tuned_squad = squad(net, "")
+            result.update(squad_f1=tuned_squad["f1"], squad_em=tuned_squad["exact_match"])
+            if base_squad is not None:
+                result.update(retention(tuned_squad, base_squad, cfg.eval.retention_threshold))
     else:
         log.warning("evaluate: no adapter at %s (run the train stage, or set eval.adapter); "
                     "mc_accuracy is the base model's", adapter)
@@ -129,6 +161,8 @@ def evaluate(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
         result["per_subject_accuracy"] = base["per_subject"]
         result["evaluated_adapter"] = None
 
+    result["contest_score"] = contest_score(result["mc_accuracy"], result["trainable_ratio_pct"] / 100.0)
+    result["squad_questions"] = len(squad_records)
     with open(run_dir / "eval_predictions.jsonl", "w", encoding="utf-8") as f:
         for i, q in enumerate(questions):
             row = {"id": q.id, "subject": q.subject, "answer": q.answer}

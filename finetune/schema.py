@@ -12,7 +12,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-STAGES = ("prepare", "train", "evaluate")
+STAGES = ("prepare", "train", "evaluate", "predict")
 
 
 @dataclass
@@ -149,12 +149,34 @@ class TrainConfig:
 
 
 @dataclass
+class SquadConfig:
+    """SQuAD v1.1 retained-ability check: passage + question -> short answer (greedy)."""
+    path: Optional[str] = None     # official dev-v1.1.json layout; null = off
+    limit: Optional[int] = 200     # first N questions (null = all 10,570 of the dev set)
+    max_new_tokens: int = 16
+    batch_size: int = 8
+
+
+@dataclass
+class PredictConfig:
+    input: Optional[str] = None    # Alpaca JSON list, or an MMLU/CMMLU CSV file
+    output: Optional[str] = None   # JSON Lines; null = <run dir>/predictions.jsonl
+    format: str = "jsonl"          # jsonl | npy (also writes results.npy: predicted option indices)
+    max_new_tokens: int = 32       # for free-text (non multiple-choice) records
+    batch_size: int = 16
+
+
+@dataclass
 class EvalConfig:
     num_shots: int = 0             # k-shot examples from the dev split, same subject
     batch_size: int = 16
     limit: Optional[int] = None    # evaluate the first N questions only
     base: bool = True              # also evaluate the base model (mc_accuracy_base)
     adapter: Optional[str] = None  # adapter checkpoint; null = the run dir's adapter.ckpt
+    squad: SquadConfig = field(default_factory=SquadConfig)
+    # A fine-tuned model counts as having kept its general ability when its SQuAD F1 and EM
+    # are both at least this share of the base model's (the contest rule: 90%).
+    retention_threshold: float = 0.9
 
 
 @dataclass
@@ -168,6 +190,7 @@ class Config:
     tracking: TrackingConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     seed: int = 0
     output_root: str = "outputs"   # data cache, base-model cache and the default MLflow store

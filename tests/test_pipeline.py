@@ -82,3 +82,48 @@ def test_failure_is_one_line_and_marks_the_run_failed(pipeline):
     assert s["status"] == "FAILED"
     run = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_run(s["mlflow_run_id"])
     assert run.info.status == "FAILED"
+
+
+def test_squad_retention_and_predict_stage(pipeline):
+    """evaluate with a SQuAD-format file + predict on Alpaca records (multiple choice and free text)."""
+    import numpy as np
+
+    tmp, first = pipeline
+    squad = {"version": "1.1", "data": [{"title": "t", "paragraphs": [
+        {"context": "she ate a juicy blickem.", "qas": [
+            {"id": "q1", "question": "What did she eat?", "answers": [{"text": "a juicy blickem", "answer_start": 8}]},
+            {"id": "q2", "question": "Who ate?", "answers": [{"text": "she", "answer_start": 0}]}]}]}]}
+    (tmp / "squad.json").write_text(json.dumps(squad))
+    alpaca = [{"id": "mc1", "instruction": "The following are multiple choice questions (with answers) about kind.",
+               "input": "What kind of thing is a zoomp?\nA. fruit\nB. animal\nC. tool\nD. colour\nAnswer:"},
+              {"id": "free1", "instruction": "the dog ran across the", "input": ""}]
+    (tmp / "in.json").write_text(json.dumps(alpaca))
+    proc = _run(QUICK + ["stages=[evaluate,predict]", f"eval.squad.path={tmp / 'squad.json'}",
+                         f"predict.input={tmp / 'in.json'}", "predict.format=npy", "eval.squad.max_new_tokens=4"],
+                tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp / "run" / "summary.json").read_text())
+    for key in ("squad_f1", "squad_em", "squad_f1_base", "squad_em_base", "squad_retention_f1",
+                "squad_retention_em", "retained", "contest_score"):
+        assert key in s, key
+    assert s["squad_questions"] == 2
+    ratio = s["trainable_params"] / s["total_params"]
+    assert s["contest_score"] == pytest.approx((1 - 10 * ratio) * 0.3 + s["mc_accuracy"] * 0.7)
+    base_preds = json.loads((tmp / "run" / "squad_predictions_base.json").read_text())
+    assert set(base_preds) == {"q1", "q2"}
+    rows = [json.loads(line) for line in (tmp / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["mc1", "free1"]
+    assert rows[0]["prediction"] in "ABCD" and sum(rows[0]["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    assert isinstance(rows[1]["prediction"], str) and "probabilities" not in rows[1]
+    npy = np.load(tmp / "run" / "results.npy")
+    assert npy.tolist() == ["ABCD".index(rows[0]["prediction"]), -1]
+    assert s["predict_examples_per_s"] > 0
+
+
+def test_malformed_predict_input_is_one_line(pipeline):
+    tmp, _ = pipeline
+    (tmp / "bad.json").write_text(json.dumps([{"instruction": "ok"}, {"input": "no instruction"}]))
+    proc = _run(QUICK + ["stages=[predict]", f"predict.input={tmp / 'bad.json'}"], tmp, run="badpred")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("finetune: error:")]
+    assert len(errors) == 1 and "record [1]" in errors[0] and "bad.json" in errors[0]
