@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test ui clean-outputs
+.PHONY: run test bench ui clean-outputs
 
 # Re-install when pyproject.toml changes. Needs the package index only (no other network).
 $(STAMP): pyproject.toml
@@ -17,6 +17,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Benchmarks (slow, not in `make test`): decode tokens/s on the real stories260K Llama.
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m slow tests/test_bench.py
 
 # MLflow UI on the default local store (outputs/mlflow.db): http://127.0.0.1:5000
 ui: $(STAMP)
