@@ -127,3 +127,18 @@ def test_malformed_predict_input_is_one_line(pipeline):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("finetune: error:")]
     assert len(errors) == 1 and "record [1]" in errors[0] and "bad.json" in errors[0]
+
+
+def test_predict_on_a_real_mmlu_csv(shared, tmp_path):
+    """The seed's flow ends with predicting a test file: an MMLU CSV in, one answer per row out."""
+    import numpy as np
+
+    src = shared / "data" / "mmlu" / "test" / "abstract_algebra_test.csv"
+    proc = _run(["model.pretrain.epochs=0", "model.seq_length=1024", "stages=[predict]", f"predict.input={src}",
+                 "predict.format=npy", "predict.batch_size=20"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [str(i) for i in range(100)]          # every row of the file, in order
+    assert all(r["prediction"] in "ABCD" and len(r["probabilities"]) == 4 for r in rows)
+    npy = np.load(tmp_path / "run" / "results.npy")
+    assert npy.shape == (100,) and npy.tolist() == ["ABCD".index(r["prediction"]) for r in rows]
