@@ -53,6 +53,21 @@ def validate(cfg) -> None:
                           "(hardware.loss_scale.kind=dynamic), or gradients underflow silently")
     if cfg.eval.num_shots < 0:
         raise ConfigError(f"eval.num_shots: expected >= 0, got {cfg.eval.num_shots}")
+    if "predict" in cfg.stages and not cfg.predict.input:
+        raise ConfigError("predict.input: required for stages=[predict] (an Alpaca JSON or MMLU/CMMLU CSV file)")
+    if cfg.predict.format not in ("jsonl", "npy"):
+        raise ConfigError(f"predict.format: expected 'jsonl' or 'npy', got {cfg.predict.format!r}")
+
+
+def check_input_files(cfg) -> None:
+    """Input files named in the config must exist before any long work (training) starts.
+    Called inside the tracked run, so a missing file is recorded as a FAILED run."""
+    files = {"eval.squad.path": cfg.eval.squad.path if "evaluate" in cfg.stages else None,
+             "eval.adapter": cfg.eval.adapter if {"evaluate", "predict"} & set(cfg.stages) else None,
+             "predict.input": cfg.predict.input if "predict" in cfg.stages else None}
+    for key, path in files.items():
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{key}: {path} not found")
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -63,9 +78,8 @@ def write_json(path: Path, data: dict) -> None:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run cfg.stages in order; returns the summary (also written to run_dir/summary.json)."""
-    from .tracking import Tracker, default_uri, flatten
-
     from .model import resolve_model_config
+    from .tracking import Tracker, default_uri, flatten
 
     validate(cfg)
     resolve_model_config(cfg.model)   # an HF checkpoint's config.json defines the architecture
@@ -84,6 +98,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                     "mlflow_uri": uri, "run_dir": str(run_dir)})
     status = "FAILED"
     try:
+        check_input_files(cfg)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         tracker.log_params(flatten(resolved))
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -91,6 +106,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except Exception as e:
+        tracker.set_tags({"error": str(e)[:1000]})
         raise
     finally:
         summary["status"] = status

@@ -11,10 +11,10 @@ import numpy as np
 from . import metrics
 from .data import prompts
 from .data.records import LETTERS, DataError, Question
-from .lora import apply_lora, load_adapter
+from .lora import adapter_path, apply_lora, load_adapter
 from .model import ModelError, count_params
 from .prepare import load_questions
-from .squad import contest_score, retention, squad_predictions, squad_prompt_ids, squad_score
+from .squad import contest_score, retention, squad_predictions, squad_prompt_ids
 from .train import load_base, param_summary
 
 log = logging.getLogger("finetune.evaluate")
@@ -99,15 +99,11 @@ def evaluate(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
     letter_ids = letter_token_ids(tok, style)
     token_lists, prompt_stats = build_eval_prompts(questions, dev, style, cfg.eval.num_shots, tok,
                                                    cfg.model.seq_length)
-    adapter = Path(cfg.eval.adapter) if cfg.eval.adapter else run_dir / "adapter.ckpt"
-    if cfg.eval.adapter and not adapter.is_file():
-        raise ModelError(f"eval.adapter: {adapter} not found")
+    adapter = adapter_path(cfg, run_dir)   # eval.adapter, if set, was checked to exist at start-up
 
     squad_records, squad_ids = [], []
     if cfg.eval.squad.path:
-        if not Path(cfg.eval.squad.path).is_file():
-            raise DataError(f"eval.squad.path: {cfg.eval.squad.path} not found")
-        try:
+        try:  # the file's existence was checked at start-up (app.check_input_files)
             squad_records = metrics.load_squad(cfg.eval.squad.path)
         except ValueError as e:
             raise DataError(f"eval.squad.path: {e}") from None
@@ -121,7 +117,7 @@ def evaluate(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
     def squad(net, tag: str) -> dict:
         preds = squad_predictions(net, squad_records, squad_ids, tok, cfg.eval.squad, cfg.model.seq_length)
         (run_dir / f"squad_predictions{tag}.json").write_text(json.dumps(preds, ensure_ascii=False, indent=0))
-        scores = squad_score(squad_records, preds)
+        scores = metrics.score_squad_records(squad_records, preds)
         log.info("SQuAD%s: EM %.2f F1 %.2f on %d questions", tag, scores["exact_match"], scores["f1"],
                  len(squad_records))
         return scores

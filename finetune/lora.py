@@ -7,6 +7,7 @@ import re
 from .model import ModelError, load_checkpoint, save_checkpoint
 
 ADAPTER_TAG = "mindpet_delta_lora"
+ADAPTER_FILE = "adapter.ckpt"   # what the train stage writes into the run dir
 
 
 def matching_layers(net, target_modules: str) -> list[str]:
@@ -39,6 +40,13 @@ def apply_lora(net, lora_cfg, output_dir: str | None = None):
     config = LoraConfig(lora_rank=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=lora_cfg.target_modules)
     return get_pet_model(net, config)
+
+
+def adapter_path(cfg, run_dir) -> "Path":
+    """eval.adapter if set, else the adapter the train stage writes into the run dir."""
+    from pathlib import Path
+
+    return Path(cfg.eval.adapter) if cfg.eval.adapter else Path(run_dir) / ADAPTER_FILE
 
 
 def adapter_params(net) -> list:

@@ -142,7 +142,9 @@ def load_squad(path) -> list[dict]:
     return list(_squad_records(_read_json(path), str(path)))
 
 
-def _score_records(records, predictions: dict[str, str]) -> dict:
+def score_squad_records(records, predictions: dict[str, str]) -> dict:
+    """{"exact_match", "f1"} in percent over flattened records (load_squad's form); a record
+    without a prediction scores 0."""
     em = f1 = 0.0
     total = missing = 0
     for record in records:
@@ -166,7 +168,7 @@ def squad_scores(dataset: dict, predictions: dict[str, str]) -> dict:
     """{"exact_match", "f1"} in percent over every question of a parsed official SQuAD file
     (data[].paragraphs[].qas[]); `predictions` maps question id -> answer text. Ids in
     `predictions` that are not in the dataset are ignored."""
-    return _score_records(_squad_records(dataset, "dataset"), predictions)
+    return score_squad_records(_squad_records(dataset, "dataset"), predictions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictions = _read_json(predictions_path)
         if not isinstance(predictions, dict):
             raise ValueError(f"{predictions_path}: expected a JSON object of question id -> answer text")
-        scores = _score_records(_squad_records(dataset, dataset_path), predictions)
+        scores = score_squad_records(_squad_records(dataset, dataset_path), predictions)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

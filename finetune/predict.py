@@ -21,7 +21,7 @@ from .data import prompts
 from .data.records import LETTERS, DataError, load_csv, make_question
 from .evaluate import letter_logits, letter_token_ids
 from .generate import greedy_generate
-from .lora import apply_lora, load_adapter
+from .lora import adapter_path, apply_lora, load_adapter
 from .squad import answer_text
 from .train import load_base
 
@@ -71,19 +71,16 @@ def _read_csv(path: Path, style: str) -> list[dict]:
 
 
 def predict(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
-    p = cfg.predict
-    if not p.input:
-        raise DataError("predict.input: required for stages=[predict] (an Alpaca JSON or MMLU/CMMLU CSV file)")
-    if p.format not in ("jsonl", "npy"):
-        raise DataError(f"predict.format: expected 'jsonl' or 'npy', got {p.format!r}")
+    p = cfg.predict   # input and format were checked at start-up (app.validate)
     style = cfg.dataset.style
     records = read_predict_input(p.input, style)
     cue = _CUES[style]
-    mc = [i for i, r in enumerate(records) if r["prompt"].rstrip().endswith(cue)]
-    free = [i for i, r in enumerate(records) if i not in set(mc)]
+    is_mc = [r["prompt"].rstrip().endswith(cue) for r in records]
+    mc = [i for i, m in enumerate(is_mc) if m]
+    free = [i for i, m in enumerate(is_mc) if not m]
 
     net = load_base(cfg, tok, prepared, tracker, p.batch_size)
-    adapter = Path(cfg.eval.adapter) if cfg.eval.adapter else run_dir / "adapter.ckpt"
+    adapter = adapter_path(cfg, run_dir)
     if adapter.is_file():
         net = apply_lora(net, cfg.lora, run_dir / "mindformers")
         load_adapter(net, adapter)

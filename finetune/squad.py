@@ -41,15 +41,6 @@ def squad_predictions(net, records: list[dict], prompt_ids, tok, scfg, seq_lengt
     return {r["id"]: answer_text(o, tok) for r, o in zip(records, outs)}
 
 
-def squad_score(records: list[dict], predictions: dict[str, str]) -> dict[str, float]:
-    """EM/F1 (x100) over exactly these records (metrics.squad_scores over a one-article dataset)."""
-    dataset = {"data": [{"title": "eval", "paragraphs": [
-        {"context": r["context"], "qas": [{"id": r["id"], "question": r["question"],
-                                           "answers": [{"text": t, "answer_start": 0} for t in r["answers"]]}]}
-        for r in records]}]}
-    return metrics.squad_scores(dataset, predictions)
-
-
 def retention(tuned: dict, base: dict, threshold: float) -> dict:
     """squad_retention_* = fine-tuned / base; retained when both reach the threshold. A base score
     of 0 makes the ratio undefined (reported as null, and not retained)."""

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from .data.mindrecord import read_shards
-from .lora import apply_lora, save_adapter
+from .lora import ADAPTER_FILE, apply_lora, save_adapter
 from .hf import is_hf_dir, load_hf_state, to_mindformers
 from .model import (ModelError, build_model, count_params, load_checkpoint, load_weights, save_checkpoint,
                     vocab_size_for)
@@ -209,7 +209,8 @@ def load_base(cfg, tok, prepared: Path, tracker, batch_size: int):
                       tracker=tracker, prefix="pretrain_", desc="pretrain base")
     tracker.log_metrics({"pretrain_loss_last": stats["loss_last"]})
     save_checkpoint([(p.name, p) for p in net.get_parameters()], ckpt)
-    # Rebuild so the returned net is exactly what a later run loads from the cache.
+    # Rebuild from the cache, as a later run would: build_model re-seeds the global RNG, so the
+    # LoRA init (and dropout) that follow are the same whether or not this run pretrained.
     net = build_model(cfg.model, cfg.hardware, tok, batch_size, cfg.seed)
     load_checkpoint(net, ckpt, what="base cache")
     return net
@@ -249,7 +250,7 @@ def train(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
                       accumulation=cfg.parallel.gradient_accumulation_steps, max_steps=cfg.train.max_steps,
                       opt_cfg=cfg.optimizer, hw=cfg.hardware, seed=cfg.seed, shuffle=cfg.train.shuffle,
                       pad_id=tok.pad_id, tracker=tracker, prefix="train_", desc="LoRA train")
-    save_adapter(net, run_dir / "adapter.ckpt")
+    save_adapter(net, run_dir / ADAPTER_FILE)
     return {
         "train_loss_first": stats["loss_first"],
         "train_loss_last": stats["loss_last"],
@@ -257,7 +258,7 @@ def train(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
         "train_steps": stats["steps"],
         "train_overflow_steps": stats["overflow_steps"],
         "train_examples": int(len(ids)),
-        "adapter": str(run_dir / "adapter.ckpt"),
+        "adapter": str(run_dir / ADAPTER_FILE),
         **param_summary(counts),
     }
 

@@ -10,6 +10,14 @@ SHARED = REPO.parent / "shared"
 CONF = REPO / "conf"
 
 
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test saying what is missing."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"../shared not found: {path} is missing (real data and models live there, read in place)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     if not SHARED.is_dir():

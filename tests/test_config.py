@@ -4,6 +4,7 @@ from __future__ import annotations
 import finetune  # noqa: F401  (first: sets the protobuf env var before anything imports protobuf)
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -238,3 +239,18 @@ def test_float16_without_loss_scale_is_refused():
     with pytest.raises(ConfigError, match="hardware.loss_scale.kind"):
         validate(_compose(["hardware.compute_dtype=float16"]))
     validate(_compose(["hardware.compute_dtype=float16", "hardware.loss_scale.kind=dynamic"]))
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["stages=[predict]"], "predict.input: required"),
+    (["predict.format=csv"], "predict.format"),
+    (["eval.squad.path=/nonexistent/dev.json"], "eval.squad.path: /nonexistent/dev.json not found"),
+    (["stages=[predict]", "predict.input=/nonexistent/q.json"], "predict.input: /nonexistent/q.json not found"),
+])
+def test_config_and_input_files_checked_before_long_work(overrides, needle):
+    from finetune.app import ConfigError, check_input_files, validate
+
+    cfg = _compose(overrides)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        validate(cfg)
+        check_input_files(cfg)

@@ -6,19 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared_path
 from finetune.data.cmmlu import read_cmmlu
 from finetune.data.mmlu import read_mmlu
 from finetune.data.records import DataError, Question, read_text
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-
-
 def _data(name: str) -> Path:
-    d = DATA / name
-    if not d.is_dir():
-        pytest.skip(f"../shared not found: {d} is missing (read-only MMLU/CMMLU data expected next to the repo)")
-    return d
+    return shared_path("data", name)
 
 
 @pytest.fixture(scope="module")

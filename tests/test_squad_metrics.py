@@ -7,19 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO, shared_path
 from finetune import metrics
 
-REPO = Path(__file__).resolve().parents[1]
-SQUAD = REPO.parent / "shared" / "data" / "squad"
 DEV_FULL = 10570      # questions in the official dev-v1.1.json
 DEV_300 = 303         # questions in dev-v1.1.first300q.json (the first 303 of the full file)
 
 
 def _squad_file(name: str) -> Path:
-    path = SQUAD / name
-    if not path.is_file():
-        pytest.skip(f"{path} not found: the official SQuAD v1.1 dev files live in ../shared/data/squad")
-    return path
+    return shared_path("data", "squad", name)
 
 
 @pytest.fixture(scope="module")
