@@ -13,14 +13,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .schema import STAGES, register
+from .schema import STAGES, ConfigError, register
 
 log = logging.getLogger("finetune")
 register()
-
-
-class ConfigError(ValueError):
-    """A config value that the schema's types cannot rule out."""
 
 
 def validate(cfg) -> None:

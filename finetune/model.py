@@ -15,16 +15,25 @@ class ModelError(ValueError):
     """A model/checkpoint problem found before any long work starts."""
 
 
-def setup_context(hw, seed: int) -> None:
+def context_kwargs(hw) -> dict:
+    """The `mindspore.set_context` arguments for the hardware group (pure: testable for Ascend on CPU)."""
     import mindspore as ms
 
     mode = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}.get(hw.mode)
     if mode is None:
         raise ModelError(f"hardware.mode: expected 'graph' or 'pynative', got {hw.mode!r}")
+    if hw.device_target not in ("CPU", "Ascend"):
+        raise ModelError(f"hardware.device_target: expected 'CPU' or 'Ascend', got {hw.device_target!r}")
     kwargs = {"mode": mode, "device_target": hw.device_target}
     if hw.max_device_memory and hw.device_target != "CPU":
         kwargs["max_device_memory"] = hw.max_device_memory
-    ms.set_context(**kwargs)
+    return kwargs
+
+
+def setup_context(hw, seed: int) -> None:
+    import mindspore as ms
+
+    ms.set_context(**context_kwargs(hw))
     ms.set_seed(seed)
     quiet_mindformers()
 
