@@ -34,13 +34,16 @@ def validate(cfg) -> None:
         raise ConfigError(f"stages: unknown stage(s) {bad or '[]'}; choose from {list(STAGES)}")
     if cfg.dataset.style not in STYLES:
         raise ConfigError(f"dataset.style: expected one of {list(STYLES)}, got {cfg.dataset.style!r}")
-    if cfg.parallel.data_parallel * cfg.parallel.model_parallel * cfg.parallel.pipeline_stage != 1:
-        raise ConfigError("parallel: only single-device runs (data_parallel=model_parallel=pipeline_stage=1) "
-                          "are implemented so far; multi-device through msrun is tracked in its own issue")
     for key in ("train.epochs", "train.batch_size", "eval.batch_size", "parallel.gradient_accumulation_steps",
-                "model.seq_length"):
+                "model.seq_length", "parallel.data_parallel", "parallel.model_parallel", "parallel.pipeline_stage",
+                "parallel.micro_batch_num", "parallel.nodes"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}: expected >= 1, got {OmegaConf.select(cfg, key)}")
+    if (cfg.parallel.model_parallel > 1 or cfg.parallel.pipeline_stage > 1) and cfg.stages != ["plan"]:
+        raise ConfigError("parallel.model_parallel/pipeline_stage > 1: only data parallelism runs (LoRA on a "
+                          "7B model fits one 64 GB device); such configs can be sized with stages=[plan]")
+    if cfg.train.save.num_checkpoints < 0:
+        raise ConfigError(f"train.save.num_checkpoints: expected >= 0, got {cfg.train.save.num_checkpoints}")
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(f"model.hidden_size={cfg.model.hidden_size} is not divisible by "
                           f"model.num_heads={cfg.model.num_heads}")
@@ -75,14 +78,24 @@ def write_json(path: Path, data: dict) -> None:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run cfg.stages in order; returns the summary (also written to run_dir/summary.json)."""
     from .model import resolve_model_config
-    from .tracking import Tracker, default_uri, flatten
+    from .tracking import Tracker, flatten, resolve_uri
+
+    from .launch import SilentTracker, init_worker, is_worker, launch, local_workers, world_size
 
     validate(cfg)
     resolve_model_config(cfg.model)   # an HF checkpoint's config.json defines the architecture
+    local_workers(cfg.parallel)       # world size must split over the nodes
+    if world_size(cfg.parallel) > 1 and not is_worker() and cfg.stages != ["plan"]:
+        return launch(cfg, run_dir)   # msrun workers re-enter run(); rank 0 tracks and writes the summary
+    rank = init_worker(cfg.hardware, cfg.seed) if is_worker() else 0
     run_dir.mkdir(parents=True, exist_ok=True)
+    if rank != 0:
+        os.environ["LOCAL_DEFAULT_PATH"] = str(run_dir / "mindformers" / f"rank{rank}")
+        run_stages(cfg, run_dir, SilentTracker(), rank)
+        return {}
     os.environ["LOCAL_DEFAULT_PATH"] = str(run_dir / "mindformers")  # MindFormers' logs + adapter_config.json
     output_root = Path(cfg.output_root).resolve()
-    uri = cfg.tracking.uri or default_uri(output_root)
+    uri = resolve_uri(cfg.tracking, output_root)   # an http(s) server must answer first
     tracker = Tracker(uri, cfg.tracking.experiment, cfg.tracking.run_name or run_dir.name,
                       artifact_root=output_root / "mlartifacts" if not cfg.tracking.uri else None,
                       tags={"dataset": cfg.dataset.name, "model": cfg.model.name,
@@ -122,8 +135,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-def run_stages(cfg, run_dir: Path, tracker) -> dict:
-    """Stage order is fixed (prepare -> train -> evaluate -> predict), whatever order cfg.stages lists."""
+def run_stages(cfg, run_dir: Path, tracker, rank: int = 0) -> dict:
+    """Stage order is fixed (plan -> prepare -> train -> evaluate -> merge -> predict -> export),
+    whatever order cfg.stages lists. Ranks other than 0 of a data-parallel job only train."""
     from .evaluate import evaluate
     from .model import setup_context
     from .predict import predict
@@ -132,9 +146,16 @@ def run_stages(cfg, run_dir: Path, tracker) -> dict:
     from .train import train
 
     t0 = time.time()
+    out: dict = {}
+    if "plan" in cfg.stages:
+        from .plan import plan
+
+        out.update(plan(cfg, run_dir, tracker))
+        if cfg.stages == ["plan"]:   # a dry run: no tokenizer, data or weights needed
+            out["seconds"] = round(time.time() - t0, 1)
+            return out
     tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
     setup_context(cfg.hardware, cfg.seed)
-    out: dict = {}
     # Every stage needs the prepared data; without the prepare stage it must already be cached
     # (prepare is cheap and deterministic, so it is (re)built rather than refused).
     prepared = prepare(cfg, tok)
@@ -145,10 +166,20 @@ def run_stages(cfg, run_dir: Path, tracker) -> dict:
     if "train" in cfg.stages:
         out.update(train(cfg, run_dir, tok, prepared, tracker))
         tracker.flush()
+    if rank != 0:
+        return out
     if "evaluate" in cfg.stages:
         out.update(evaluate(cfg, run_dir, tok, prepared, tracker))
+    if "merge" in cfg.stages:
+        from .merge import merge
+
+        out.update(merge(cfg, run_dir, tok, prepared, tracker))
     if "predict" in cfg.stages:
         out.update(predict(cfg, run_dir, tok, prepared, tracker))
+    if "export" in cfg.stages:
+        from .export import export
+
+        out.update(export(cfg, run_dir, tok, prepared, tracker))
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -159,18 +190,33 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Thin: resolve the run dir, run, return mc_accuracy (what a sweep optimizes)."""
+    """Thin: resolve the run dir, run, return cfg.sweep.objective (what a sweep optimizes).
+    In a multirun sweep a failed job returns None (its MLflow run is FAILED) and the sweep goes on."""
     from .data.records import DataError
+    from .launch import LaunchError
     from .model import ModelError
+    from .sweep import in_multirun, objective_value
     from .tokenizer import TokenizerError
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = in_multirun()
     try:
         summary = run(cfg, run_dir)
     except (ConfigError, DataError, ModelError, TokenizerError) as e:
         # Known bad input: one line, no traceback (an MLflow run, if one was opened, is marked FAILED).
         print(f"finetune: error: {e}", file=sys.stderr)
+        if multirun:
+            return None
         sys.exit(2)
+    except LaunchError as e:  # a worker died: msrun stopped the others; show that worker's error
+        print(f"finetune: error: {e}", file=sys.stderr)
+        if multirun:
+            return None
+        sys.exit(1)
+    except Exception:
+        if not multirun:
+            raise
+        log.exception("job %s failed (its MLflow run is FAILED); the sweep goes on", run_dir.name)
+        return None
     log.info("summary: %s", run_dir / "summary.json")
-    acc = summary.get("mc_accuracy")
-    return float(acc) if acc is not None else None
+    return objective_value(summary, cfg.sweep)

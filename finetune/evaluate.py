@@ -13,7 +13,7 @@ from .data import prompts
 from .data.records import LETTERS, DataError, Question
 from .lora import adapter_path, apply_lora, load_adapter
 from .model import ModelError, count_params
-from .prepare import load_questions
+from .prepare import dataset_squad, load_questions
 from .squad import contest_score, retention, squad_predictions, squad_prompt_ids
 from .train import load_base, param_summary
 
@@ -102,11 +102,14 @@ def evaluate(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
     adapter = adapter_path(cfg, run_dir)   # eval.adapter, if set, was checked to exist at start-up
 
     squad_records, squad_ids = [], []
-    if cfg.eval.squad.path:
-        try:  # the file's existence was checked at start-up (app.check_input_files)
-            squad_records = metrics.load_squad(cfg.eval.squad.path)
+    # eval.squad.path wins; otherwise the dataset's own reading set (the demo writes one).
+    squad_path = cfg.eval.squad.path or dataset_squad(prepared)
+    if squad_path:
+        try:  # eval.squad.path's existence was checked at start-up (app.check_input_files)
+            squad_records = metrics.load_squad(squad_path)
         except ValueError as e:
             raise DataError(f"eval.squad.path: {e}") from None
+        log.info("SQuAD: %s", squad_path)
         if cfg.eval.squad.limit is not None:
             squad_records = squad_records[:cfg.eval.squad.limit]
         squad_ids, truncated = squad_prompt_ids(squad_records, tok, cfg.model.seq_length, cfg.eval.squad.max_new_tokens)
@@ -159,6 +162,7 @@ def evaluate(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
 
     result["contest_score"] = contest_score(result["mc_accuracy"], result["trainable_ratio_pct"] / 100.0)
     result["squad_questions"] = len(squad_records)
+    result["squad_set"] = str(squad_path) if squad_path else None
     with open(run_dir / "eval_predictions.jsonl", "w", encoding="utf-8") as f:
         for i, q in enumerate(questions):
             row = {"id": q.id, "subject": q.subject, "answer": q.answer}

@@ -55,8 +55,113 @@ def msrun_command(cfg, run_dir: Path, overrides: list[str]) -> list[str]:
         f"--node_rank={par.node_rank}",
         f"--log_dir={run_dir / 'msrun'}",
         "--join=True",
+        "--tail_worker_log=0",   # the console follows rank 0; every rank's log is in msrun/worker_N.log
         f"--cluster_time_out={par.join_timeout}",
         str(WORKER_SCRIPT),
         *overrides,
         f"hydra.run.dir={run_dir}",
     ]
+
+
+class LaunchError(RuntimeError):
+    """msrun or one of its workers failed; the message carries the failing worker's log tail."""
+
+
+class SilentTracker:
+    """What ranks other than 0 log to: nothing (one MLflow run per job, written by rank 0)."""
+    run_id = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def init_worker(hw, seed: int) -> int:
+    """Inside an msrun worker: set the device context, join the communication group, return
+    this process's global rank."""
+    from mindspore.communication import get_rank, init
+
+    from .model import setup_context
+
+    setup_context(hw, seed)
+    init()
+    return get_rank()
+
+
+def warm_caches(cfg) -> None:
+    """Before launching: build the prepared-data cache (so bad input fails here, once, with one
+    line) and, for a model trained from scratch (the demo's tiny base), its pretrained base, so
+    the workers never race to write the same cache."""
+    from .model import setup_context
+    from .prepare import prepare
+    from .tokenizer import load_tokenizer
+    from .train import load_base
+
+    tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
+    prepared = prepare(cfg, tok)
+    if not cfg.model.checkpoint and cfg.model.pretrain.epochs > 0 and "train" in cfg.stages:
+        setup_context(cfg.hardware, cfg.seed)
+        load_base(cfg, tok, prepared, SilentTracker(), cfg.train.batch_size)
+
+
+def launch(cfg, run_dir: Path) -> dict:
+    """Run this job on world_size msrun workers and wait; returns rank 0's summary.json."""
+    import json
+    import shutil
+    import subprocess
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ConfigError("parallel: multi-device runs are launched from the `finetune` command line "
+                          "(workers re-compose its config from the same overrides)")
+    if shutil.which("msrun") is None and not (Path(sys.executable).parent / "msrun").is_file():
+        raise ConfigError("parallel: msrun (MindSpore's launcher) not found next to this python")
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    warm_caches(cfg)
+    # Workers log to stdout (msrun captures it in msrun/worker_N.log) and do not rewrite .hydra/.
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.run.dir=")]
+    cmd = msrun_command(cfg, run_dir, overrides + ["hydra.output_subdir=null", "hydra/job_logging=stdout"])
+    cmd[0] = shutil.which("msrun") or str(Path(sys.executable).parent / "msrun")
+    print(f"finetune: launching {world_size(cfg.parallel)} workers: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    # msrun starts workers as `python worker.py`: put this interpreter's folder (the venv) first.
+    env = {**os.environ, WORKER_ENV: "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # msrun's own messages (stderr) are passed through and kept: its first "Worker process PID exit
+    # with exception" line names the worker that died first, the root cause of the failure.
+    proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), stderr=subprocess.PIPE, text=True, errors="replace")
+    msrun_lines = []
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        msrun_lines.append(line)
+    proc.wait()
+    summary_file = run_dir / "summary.json"
+    if proc.returncode != 0:
+        raise LaunchError(f"msrun exited with {proc.returncode}; {worker_failure(run_dir / 'msrun', msrun_lines)}")
+    if not summary_file.is_file():
+        raise LaunchError(f"msrun finished but rank 0 wrote no {summary_file}; see {run_dir / 'msrun'}")
+    return json.loads(summary_file.read_text())
+
+
+def worker_failure(log_dir: Path, msrun_lines: list[str] = (), tail: int = 15) -> str:
+    """Which worker failed first and the end of its log. msrun names the first worker process to
+    exit badly by pid; each worker prints its pid at start (msrun_worker/worker.py)."""
+    import re
+
+    logs = sorted(Path(log_dir).glob("worker_*.log"))
+    texts = {f: f.read_text(errors="replace") for f in logs}
+    for line in msrun_lines:
+        m = re.search(r"Worker process (\d+) exit with exception\. Error code: (-?\d+)", line)
+        if not m:
+            continue
+        pid, code = m.groups()
+        for f, text in texts.items():
+            if f"finetune worker pid {pid} " in text:
+                how = f"killed by signal {-int(code)}" if int(code) < 0 else f"exit code {code}"
+                return f"{f.name} failed first ({how}):\n" + "\n".join(text.splitlines()[-tail:])
+    for f, text in texts.items():
+        lines = text.splitlines()
+        marks = [i for i, line in enumerate(lines) if "finetune: error:" in line or line.startswith("Traceback")]
+        if marks:
+            start = max(0, min(marks[0], len(lines) - tail))
+            return f"{f.name} failed:\n" + "\n".join(lines[start:start + tail])
+    return f"no worker log shows an error; see {log_dir}"

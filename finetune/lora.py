@@ -53,19 +53,63 @@ def adapter_params(net) -> list:
     return [(p.name, p) for p in net.get_parameters() if ADAPTER_TAG in p.name]
 
 
-def save_adapter(net, path) -> None:
-    save_checkpoint(adapter_params(net), path)
+# The LoRA settings an adapter was trained with, stored inside its checkpoint so that `merge`
+# takes the scaling alpha/rank from the file itself, never from whoever runs the merge.
+# Stored as tensors (text as UTF-8 bytes), not as MindSpore append_dict strings: model.save_checkpoint
+# takes tensors only, and model.load_checkpoint calls .asnumpy() on every entry (a str would break
+# loading a merged checkpoint as a base). None of these names contains ADAPTER_TAG.
+META_RANK, META_ALPHA, META_TARGETS = "lora_rank", "lora_alpha", "lora_target_modules"
+ADAPTER_META = (META_RANK, META_ALPHA, META_TARGETS)
+
+
+def text_tensor(text: str):
+    import mindspore as ms
+    import numpy as np
+
+    return ms.Tensor(np.frombuffer(text.encode("utf-8"), np.uint8).copy())
+
+
+def tensor_text(value) -> str:
+    import numpy as np
+
+    return np.asarray(value.asnumpy() if hasattr(value, "asnumpy") else value, np.uint8).tobytes().decode("utf-8")
+
+
+def adapter_config(net) -> dict:
+    """rank / alpha / target_modules of the LoRA that mindformers.pet applied to `net` (the values
+    its LoRADense layers compute with: scaling = alpha / rank)."""
+    pet = getattr(getattr(net, "config", None), "pet_config", None)
+    if pet is None or not hasattr(pet, "lora_rank"):
+        raise ModelError("save_adapter: the network has no LoRA config (was apply_lora called on it?)")
+    return {"rank": int(pet.lora_rank), "alpha": float(pet.lora_alpha), "target_modules": str(pet.target_modules)}
+
+
+def save_adapter(net, path, lora_cfg=None) -> None:
+    """The adapter tensors plus the rank, alpha and target regex they were trained with (read from
+    the net's LoRA layers; `lora_cfg`, when given, must agree with them)."""
+    import mindspore as ms
+    import numpy as np
+
+    lora = adapter_config(net)
+    if lora_cfg is not None and (lora_cfg.rank, float(lora_cfg.alpha)) != (lora["rank"], lora["alpha"]):
+        raise ModelError(f"save_adapter: lora.rank={lora_cfg.rank} lora.alpha={lora_cfg.alpha} differ from the "
+                         f"network's LoRA layers (rank {lora['rank']}, alpha {lora['alpha']})")
+    meta = [(META_RANK, ms.Tensor(np.array(lora["rank"], np.int32))),
+            (META_ALPHA, ms.Tensor(np.array(lora["alpha"], np.float64))),   # float64: alpha exactly as given
+            (META_TARGETS, text_tensor(lora["target_modules"]))]
+    save_checkpoint(adapter_params(net) + meta, path)
 
 
 def load_adapter(net, path) -> None:
-    """Load adapter weights saved by save_adapter; names and shapes must match exactly."""
+    """Load adapter weights saved by save_adapter (its rank/alpha entries are skipped: the net's
+    own LoRA layers define those); names and shapes must match exactly."""
     import mindspore as ms
     from pathlib import Path
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"eval.adapter: adapter checkpoint {path} not found")
-    params = ms.load_checkpoint(str(path))
+    params = {k: v for k, v in ms.load_checkpoint(str(path)).items() if k not in ADAPTER_META}
     expected = dict(adapter_params(net))
     if set(params) != set(expected):
         diff = sorted(set(params) ^ set(expected))

@@ -6,6 +6,7 @@ All architecture facts live here. CPU vs Ascend differences are values of the ha
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger("finetune.model")
@@ -79,7 +80,8 @@ def llama_config(model_cfg, hw, vocab_size: int, tok, batch_size: int):
         fused_rms_norm=hw.fused_rms_norm,
         use_rope_slice=hw.use_rope_slice,
         use_flash_attention=hw.use_flash_attention,
-        recompute_config={"recompute": hw.recompute},
+        # MindFormers reads recompute from parallel_config.recompute (a recompute_config key is ignored).
+        parallel_config={"recompute": {"recompute": hw.recompute}},
         use_past=False,
         checkpoint_name_or_path="",
     )
@@ -156,7 +158,7 @@ def save_checkpoint(params: list, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix != ".ckpt":
         raise ModelError(f"checkpoint file names must end in .ckpt (MindSpore appends it otherwise): {path}")
-    tmp = path.with_name(path.stem + ".tmp.ckpt")
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.ckpt")  # per process: msrun workers may race
     ms.save_checkpoint([{"name": name, "data": p} for name, p in params], str(tmp))
     tmp.replace(path)
 

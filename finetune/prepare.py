@@ -27,25 +27,33 @@ from .tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger("finetune.prepare")
 
+SQUAD_FILE = "squad.json"   # the dataset's own SQuAD v1.1-layout reading set, when it has one
+
 # Bump when the prepared layout or prompt/tokenization logic changes, to invalidate caches.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: the demo's SQuAD-format reading set (squad.json)
 READERS = {"mmlu": read_mmlu, "cmmlu": read_cmmlu}
 
 
-def read_questions(ds) -> tuple[dict[str, list[Question]], list[str]]:
-    """(split -> questions, base-training corpus). Only the demo has a corpus."""
+def read_questions(ds) -> tuple[dict[str, list[Question]], list[str], dict | None]:
+    """(split -> questions, base-training corpus, SQuAD-format reading set or None).
+    Only the demo has a corpus and a reading set of its own."""
     if ds.name == "demo":
         if ds.demo is None:
             raise DataError("dataset.demo: the demo dataset needs its settings (num_words, ...)")
         d = ds.demo
+        for key in ("num_practice", "num_reading", "squad_questions"):
+            if d[key] < 0:
+                raise DataError(f"dataset.demo.{key}: expected >= 0, got {d[key]}")
         world = demo.build_world(d.num_words, d.seed)
-        return demo.questions(world, d.seed, d.test_fraction, d.dev_per_subject), \
-            demo.corpus(world, d.seed, d.num_practice)
+        docs = demo.corpus(world, d.seed, d.num_practice, d.num_reading)
+        squad = demo.squad_dev(world, d.squad_questions, d.seed, avoid=demo.corpus_passages(docs)) \
+            if d.squad_questions else None
+        return demo.questions(world, d.seed, d.test_fraction, d.dev_per_subject), docs, squad
     if ds.name not in READERS:
         raise DataError(f"dataset.name: expected one of demo, {', '.join(READERS)}; got {ds.name!r}")
     if not ds.path:
         raise DataError(f"dataset.path: required for dataset={ds.name} (folder with dev/ and test/)")
-    return READERS[ds.name](ds.path), []
+    return READERS[ds.name](ds.path), [], None
 
 
 def _holdout(q: Question, fraction: float) -> bool:
@@ -114,7 +122,7 @@ def prepare(cfg, tok) -> Path:
         log.info("prepared data: reusing %s", out)
         return out
     ds = cfg.dataset
-    splits, corpus = read_questions(ds)
+    splits, corpus, squad = read_questions(ds)
     chosen = select_splits(ds, splits, cfg.seed)
 
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
@@ -143,6 +151,8 @@ def prepare(cfg, tok) -> Path:
         write_shards(examples, tmp / "mindrecord" / "train.mindrecord", cfg.parallel.data_parallel)
         if corpus:
             (tmp / "corpus.json").write_text(json.dumps(corpus, ensure_ascii=False, indent=0), encoding="utf-8")
+        if squad:
+            (tmp / SQUAD_FILE).write_text(json.dumps(squad, ensure_ascii=False, indent=0), encoding="utf-8")
 
         meta = {
             "dataset": ds.name,
@@ -157,6 +167,7 @@ def prepare(cfg, tok) -> Path:
             "seq_length": cfg.model.seq_length,
             "tokenizer": tok.name,
             "has_corpus": bool(corpus),
+            "squad_questions": sum(len(p["qas"]) for a in squad["data"] for p in a["paragraphs"]) if squad else 0,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         if out.exists():  # a half-built folder without meta.json from an older crash
@@ -167,6 +178,12 @@ def prepare(cfg, tok) -> Path:
         raise
     log.info("prepared data: %s (%d training examples, %d eval questions)", out, len(examples), len(chosen["eval"]))
     return out
+
+
+def dataset_squad(prepared: Path) -> Path | None:
+    """The dataset's own SQuAD-format reading set, if prepare wrote one (the demo does)."""
+    path = prepared / SQUAD_FILE
+    return path if path.is_file() else None
 
 
 def load_meta(prepared: Path) -> dict:

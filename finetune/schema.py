@@ -27,6 +27,8 @@ class DemoConfig:
     test_fraction: float = 0.25    # share of words held out: asked about only in the test split
     dev_per_subject: int = 5       # k-shot examples per subject, taken from training words
     num_practice: int = 400        # arithmetic practice questions in the base corpus
+    num_reading: int = 0           # passage + question + answer texts in the base corpus (see demo.yaml)
+    squad_questions: int = 100     # SQuAD-format dev set (prepared squad.json; 0 = none)
     seed: int = 0                  # which words are of which kind, and which are held out
 
 

@@ -1,10 +1,19 @@
 """MLflow tracking: one run per job; params = the flattened resolved config; the run is always
-ended FINISHED or FAILED (never left RUNNING). A Tracker with no client is a no-op (tests)."""
+ended FINISHED or FAILED (never left RUNNING). A Tracker with no client is a no-op (tests).
+
+Inside a multirun sweep (finetune/sweep.py) the sweep's callback opens a parent run and passes it
+through the SWEEP_* environment variables below; a Tracker on the same store and experiment then
+nests itself under that parent and tags its job number and overrides. Environment variables (not
+objects) carry this because msrun workers, which do the logging of a multi-device job, are
+separate processes started from the job."""
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 log = logging.getLogger("finetune.tracking")
@@ -14,8 +23,83 @@ BATCH = 100              # MLflow's limit on params per log_batch call
 FLUSH_EVERY = 50         # buffered metric points; step metrics keep their own step + timestamp
 
 
+# Set by finetune.sweep for the duration of a multirun (parent run) and of each job (job number, overrides).
+SWEEP_PARENT_ENV = "FINETUNE_SWEEP_PARENT_RUN_ID"
+SWEEP_URI_ENV = "FINETUNE_SWEEP_TRACKING_URI"
+SWEEP_EXPERIMENT_ENV = "FINETUNE_SWEEP_EXPERIMENT"
+SWEEP_NAME_ENV = "FINETUNE_SWEEP_NAME"
+SWEEP_JOB_ENV = "FINETUNE_SWEEP_JOB"
+SWEEP_OVERRIDES_ENV = "FINETUNE_SWEEP_OVERRIDES"
+
+SERVER_TIMEOUT = 3.0     # seconds to wait for a tracking server's /health before giving up
+
+
 def default_uri(output_root: str | Path) -> str:
     return "sqlite:///" + str((Path(output_root) / "mlflow.db").resolve())
+
+
+def server_problem(uri: str, timeout: float = SERVER_TIMEOUT) -> str | None:
+    """None if an MLflow server answers at `uri` (GET /health -> 200), else what went wrong.
+    Checked before any work: MLflow's own client retries an unreachable server for minutes."""
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return None if r.status == 200 else f"GET {url} answered HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        return f"GET {url} answered HTTP {e.code}"
+    except urllib.error.URLError as e:
+        return f"{e.reason}"
+    except (OSError, ValueError) as e:          # timeouts, resets, malformed URLs
+        return f"{type(e).__name__}: {e}"
+
+
+def resolve_uri(tracking, output_root: str | Path) -> str:
+    """The MLflow URI a job logs to: tracking.uri, or the sqlite store at output_root/mlflow.db.
+    An http(s) server must answer first; if it does not, stop (tracking.required=true) or fall
+    back to the local store and say where (tracking.required=false)."""
+    from .schema import ConfigError
+
+    uri = tracking.uri or default_uri(output_root)
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    problem = server_problem(uri)
+    if problem is None:
+        return uri
+    if tracking.required:
+        raise ConfigError(f"tracking.uri: no MLflow server at {uri} ({problem}); start one with "
+                          "`make mlflow-server`, or set tracking.required=false to log locally")
+    local = default_uri(output_root)
+    log.warning("tracking.uri: no MLflow server at %s (%s); tracking.required=false, so this run logs to "
+                "the local store %s instead (open it with `mlflow ui --backend-store-uri %s`)",
+                uri, problem, local, local)
+    return local
+
+
+def sqlite_artifact_root(uri: str) -> Path | None:
+    """sqlite:////abs/dir/mlflow.db -> /abs/dir/mlartifacts: artifacts beside the database rather than
+    in ./mlruns of whatever directory the job was started from."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+
+
+def sweep_context(uri: str, experiment: str) -> dict:
+    """The sweep's parent run id and this job's tags, when this process runs a job of a multirun
+    sweep logging to the same store and experiment as the parent; {} otherwise."""
+    parent = os.environ.get(SWEEP_PARENT_ENV)
+    if not parent:
+        return {}
+    if os.environ.get(SWEEP_URI_ENV) != uri or os.environ.get(SWEEP_EXPERIMENT_ENV) != experiment:
+        log.warning("sweep: this job logs to %s / experiment %r, not to the sweep's %s / %r; "
+                    "it is not nested under the sweep's parent run %s", uri, experiment,
+                    os.environ.get(SWEEP_URI_ENV), os.environ.get(SWEEP_EXPERIMENT_ENV), parent)
+        return {}
+    tags = {"mlflow.parentRunId": parent}
+    if os.environ.get(SWEEP_JOB_ENV) is not None:
+        tags["sweep_job"] = os.environ[SWEEP_JOB_ENV]
+    if os.environ.get(SWEEP_OVERRIDES_ENV) is not None:
+        tags["sweep_overrides"] = os.environ[SWEEP_OVERRIDES_ENV][:MAX_PARAM_VALUE]
+    return {"parent": parent, "name": os.environ.get(SWEEP_NAME_ENV, "sweep"), "tags": tags}
 
 
 def flatten(d, prefix: str = "") -> dict[str, str]:
@@ -41,11 +125,20 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
+            artifact_root = artifact_root or sqlite_artifact_root(uri)
             location = artifact_root.resolve().as_uri() if artifact_root else None
             exp_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             exp_id = exp.experiment_id
-        run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {})
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        sweep = sweep_context(uri, experiment)
+        if sweep:
+            tags.update(sweep["tags"])
+            # A job's default name is its run dir's name, which in a sweep is just the job number;
+            # with tracking.run_name set, every job would share the sweep's name.
+            if run_name in (None, tags.get("sweep_job"), sweep["name"]):
+                run_name = f"{sweep['name']}-{tags.get('sweep_job', '?')}"
+        run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         self.uri = uri
 

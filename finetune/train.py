@@ -40,14 +40,20 @@ def make_optimizer(params, opt_cfg, total_steps: int):
     return opt, lr
 
 
-def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int):
-    """(micro_step, step, current_scale) for one optimizer step over `accumulation` micro-batches.
+def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int, world: int = 1):
+    """(micro_step, step, scaler) for one optimizer step over `accumulation` micro-batches.
 
     micro_step(x, y) -> scaled loss: adds this micro-batch's gradients to fp32 buffers.
     step(x, y) -> (scaled loss, grad norm, finite): the last micro-batch; averages the buffered
     gradients, unscales, checks for overflow, clips, updates (skipped on overflow), clears.
     Everything stays inside jit graphs: handing gradient tuples from one jit call to another
-    costs ~2.5 s per step on CPU here, against ~0.35 s for the whole fused step."""
+    costs ~2.5 s per step on CPU here, against ~0.35 s for the whole fused step.
+
+    Data parallel (world > 1, msrun workers after communication.init()): gradients and loss are
+    averaged over the ranks with AllReduce inside the same graph, before unscaling, the overflow
+    check and clipping, so every rank applies the identical update. (MindSpore's DATA_PARALLEL
+    auto-parallel mode does not compile MindFormers' Llama in graph mode on CPU; see
+    ../shared/notes/mindspore-cpu.md.)"""
     import mindspore as ms
     from mindspore import amp, ops
 
@@ -68,11 +74,15 @@ def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int):
                                               requires_grad=False)
                                  for p in opt.parameters]) if accumulation > 1 else ()
 
+    allreduce = ops.AllReduce() if world > 1 else None   # sum over ranks
+
     @ms.jit
     def micro_step(x, y):
         loss, grads = grad_fn(x, y)
         for buf, g in zip(buffers, grads):
             ops.assign_add(buf, g.astype(ms.float32))
+        if world > 1:
+            loss = allreduce(loss) / world
         return loss
 
     @ms.jit
@@ -82,6 +92,9 @@ def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int):
             grads = tuple((buf + g.astype(ms.float32)) / accumulation for buf, g in zip(buffers, grads))
             for buf in buffers:
                 ops.assign(buf, ops.zeros_like(buf))
+        if world > 1:
+            loss = allreduce(loss) / world
+            grads = tuple(allreduce(g) / world for g in grads)
         if scaler is not None:
             grads = scaler.unscale(grads)
         finite = amp.all_finite(grads)
@@ -94,73 +107,138 @@ def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int):
             scaler.adjust(finite)
         return loss, norm, finite
 
-    def current_scale() -> float:
-        return float(scaler.scale_value.asnumpy()) if scaler is not None else 1.0
+    return micro_step, step, scaler
 
-    return micro_step, step, current_scale
+
+def batch_order(num_batches: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+    """The order of an epoch's global batches. Batch composition is fixed by the shuffled shards
+    (data/mindrecord.write_shards); each epoch visits the batches in a new order drawn from
+    (seed, epoch) alone, so every rank agrees, the order does not depend on the device count,
+    and a resumed run can jump straight to any step."""
+    if not shuffle:
+        return np.arange(num_batches)
+    return np.random.default_rng([seed, epoch]).permutation(num_batches)
+
+
+def optimizer_state(opt, scaler) -> list:
+    """[(name, Parameter)] that resume must restore besides the adapter: AdamW's moments and
+    global_step (the LR schedule reads it), the dynamic loss scale and its growth counter."""
+    trained = {id(p) for p in opt.parameters}
+    state = [(p.name, p) for p in opt.get_parameters() if id(p) not in trained]
+    if scaler is not None:
+        state += [("loss_scale.scale_value", scaler.scale_value), ("loss_scale.counter", scaler.counter)]
+    return state
+
+
+def load_optimizer_state(state: list, path: Path) -> None:
+    import mindspore as ms
+
+    saved = ms.load_checkpoint(str(path))
+    missing = [name for name, _ in state if name not in saved]
+    if missing:
+        raise ModelError(f"train.resume: {path} lacks optimizer state {missing[:3]} "
+                         f"(was it written with other optimizer/loss-scale settings?)")
+    for name, p in state:
+        p.set_data(ms.Tensor(saved[name].asnumpy(), p.dtype))
+
+
+LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "loss_scale")
 
 
 def run_steps(net, ids: np.ndarray, labels: np.ndarray, *, batch_size: int, epochs: int, accumulation: int,
               max_steps: int | None, opt_cfg, hw, seed: int, shuffle: bool, pad_id: int, tracker, prefix: str,
-              desc: str) -> dict:
-    """The training loop shared by LoRA fine-tuning and base pretraining."""
+              desc: str, world: int = 1, log_file: Path | None = None, save_at=(), on_save=None,
+              resume_state: tuple[int, Path] | None = None) -> dict:
+    """The training loop shared by LoRA fine-tuning and base pretraining.
+
+    ids/labels are this rank's shard; one optimizer step takes batch_size x accumulation rows
+    from every rank. on_save(step, state) runs after the steps listed in save_at, with state =
+    optimizer_state(...); resume_state = (step, state file) continues after that step."""
     import mindspore as ms
 
     per_step = batch_size * accumulation
     steps_per_epoch = len(ids) // per_step
     if steps_per_epoch == 0:
         raise ModelError(f"train.batch_size={batch_size} x gradient_accumulation_steps={accumulation} is more "
-                         f"than the {len(ids)} training examples")
+                         f"than the {len(ids)} training examples (per device)")
     total = steps_per_epoch * epochs
     if max_steps is not None:
         total = min(total, max_steps)
     params = [p for p in net.get_parameters() if p.requires_grad]
     opt, lr_schedule = make_optimizer(params, opt_cfg, total)
-    micro_step, full_step, current_scale = make_step(net, opt, hw.loss_scale, opt_cfg.max_grad_norm, accumulation)
+    micro_step, full_step, scaler = make_step(net, opt, hw.loss_scale, opt_cfg.max_grad_norm, accumulation, world)
+    state = optimizer_state(opt, scaler)
+    start = 0
+    if resume_state is not None:
+        start, state_file = resume_state
+        load_optimizer_state(state, state_file)
+        log.info("resumed after step %d of %d (%s)", start, total, state_file)
     net.set_train(True)
 
-    rng = np.random.default_rng(seed)
+    def current_scale() -> float:
+        return float(scaler.scale_value.asnumpy()) if scaler is not None else 1.0
+
+    log_rows = _open_log(log_file, start)
     losses, tokens_done, timed_tokens, timed_seconds, skipped = [], 0, 0, 0.0, 0
-    step = 0
-    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
-    for _epoch in range(math.ceil(total / steps_per_epoch)):
-        order = rng.permutation(len(ids)) if shuffle else np.arange(len(ids))
-        for s in range(steps_per_epoch):
-            if step >= total:
-                break
-            t0 = time.perf_counter()
-            loss_sum, step_tokens, scale = 0.0, 0, current_scale()
-            for m in range(accumulation):
-                idx = order[(s * accumulation + m) * batch_size:(s * accumulation + m + 1) * batch_size]
-                x, y = ms.Tensor(ids[idx]), ms.Tensor(labels[idx])
-                if m < accumulation - 1:
-                    loss = micro_step(x, y)
-                else:
-                    loss, norm, finite = full_step(x, y)
-                loss_sum += float(loss.asnumpy().item()) / scale
-                step_tokens += int((ids[idx][:, :-1] != pad_id).sum())
-            dt = time.perf_counter() - t0
-            step += 1
-            loss_value = loss_sum / accumulation
-            finite = bool(finite.asnumpy())
-            skipped += not finite
-            losses.append(loss_value)
-            tokens_done += step_tokens
-            if step > 1:  # step 1 includes graph compilation
-                timed_tokens += step_tokens
-                timed_seconds += dt
-            lr = float(lr_schedule(ms.Tensor(step - 1, ms.int32)).asnumpy())
-            tps = step_tokens / dt
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
-            tracker.log_metrics({f"{prefix}loss": loss_value, f"{prefix}lr": lr,
-                                 f"{prefix}grad_norm": float(norm.asnumpy()), f"{prefix}tokens_per_s": tps,
-                                 f"{prefix}loss_scale": current_scale()}, step=step)
+    order, order_epoch = None, -1
+    bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    for step in range(start + 1, total + 1):
+        epoch, s = divmod(step - 1, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = batch_order(steps_per_epoch, epoch, seed, shuffle), epoch
+        k = int(order[s])
+        t0 = time.perf_counter()
+        loss_sum, step_tokens, scale = 0.0, 0, current_scale()
+        for m in range(accumulation):
+            rows = slice((k * accumulation + m) * batch_size, (k * accumulation + m + 1) * batch_size)
+            x, y = ms.Tensor(ids[rows]), ms.Tensor(labels[rows])
+            if m < accumulation - 1:
+                loss = micro_step(x, y)
+            else:
+                loss, norm, finite = full_step(x, y)
+            loss_sum += float(loss.asnumpy().item()) / scale
+            step_tokens += int((ids[rows][:, :-1] != pad_id).sum()) * world  # every rank takes as many rows
+        dt = time.perf_counter() - t0
+        loss_value = loss_sum / accumulation
+        finite = bool(finite.asnumpy())
+        skipped += not finite
+        losses.append(loss_value)
+        tokens_done += step_tokens
+        if step > start + 1:  # the first step of a process includes graph compilation
+            timed_tokens += step_tokens
+            timed_seconds += dt
+        lr = float(lr_schedule(ms.Tensor(step - 1, ms.int32)).asnumpy())
+        tps = step_tokens / dt
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
+        row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(norm.asnumpy()),
+               "tokens_per_s": tps, "loss_scale": current_scale()}
+        tracker.log_metrics({f"{prefix}{key}": v for key, v in row.items() if key != "step"}, step=step)
+        if log_rows:
+            log_rows.write(",".join(f"{row[c]:.8g}" if c != "step" else str(step) for c in LOG_COLUMNS) + "\n")
+            log_rows.flush()
+        if step in save_at and on_save is not None:
+            on_save(step, state)
     bar.close()
+    if log_rows:
+        log_rows.close()
     tokens_per_s = timed_tokens / timed_seconds if timed_seconds else float("nan")
-    return {"steps": step, "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
-            "tokens_per_s": tokens_per_s, "tokens": tokens_done, "overflow_steps": skipped,
-            "seconds": timed_seconds}
+    return {"steps": total, "steps_this_run": total - start, "loss_first": losses[0] if losses else float("nan"),
+            "loss_last": losses[-1] if losses else float("nan"), "losses": losses, "tokens_per_s": tokens_per_s,
+            "tokens": tokens_done, "overflow_steps": skipped, "seconds": timed_seconds}
+
+
+def _open_log(log_file: Path | None, start: int):
+    """train_log.csv, one row per optimizer step; on resume, rows after the resumed step (written
+    after the checkpoint by the interrupted run) are dropped so each step appears once."""
+    if log_file is None:
+        return None
+    kept = []
+    if start > 0 and log_file.is_file():
+        kept = [line for line in log_file.read_text().splitlines()[1:] if int(line.split(",")[0]) <= start]
+    f = open(log_file, "w")
+    f.write(",".join(LOG_COLUMNS) + "\n" + "".join(line + "\n" for line in kept))
+    return f
 
 
 def _pack_corpus(docs: list[str], tok, seq_length: int) -> np.ndarray:
@@ -238,29 +316,75 @@ def load_base_weights(net, cfg) -> None:
 
 
 def train(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
-    """LoRA-train on the prepared MindRecord shards; saves run_dir/adapter.ckpt."""
-    dp = cfg.parallel.data_parallel
-    ids, labels = read_shards(prepared / "mindrecord" / "train.mindrecord", num_shards=dp, shard_id=0)
+    """LoRA-train on this rank's MindRecord shard; rank 0 saves run_dir/adapter.ckpt and the
+    evenly spaced checkpoints (run_dir/checkpoints/) that merge and resume read."""
+    from .checkpoints import add_to_index, newest_valid, save_steps
+    from .launch import rank
+    from .lora import load_adapter
+
+    dp, r = cfg.parallel.data_parallel, rank()
+    ids, labels = read_shards(prepared / "mindrecord" / "train.mindrecord", num_shards=dp, shard_id=r)
     net = load_base(cfg, tok, prepared, tracker, cfg.train.batch_size)
     net = apply_lora(net, cfg.lora, run_dir / "mindformers")
     counts = count_params(net)
     log.info("trainable %s of %s base parameters (%.4f%%)", f"{counts['trainable']:,}", f"{counts['base']:,}",
              100 * counts["trainable"] / counts["base"])
+
+    ckpt_dir = run_dir / "checkpoints"
+    resume_state = None
+    if cfg.train.resume:
+        entry = newest_valid(ckpt_dir)
+        if entry is None:
+            raise ModelError(f"train.resume: no usable checkpoint in {ckpt_dir} (point hydra.run.dir at the "
+                             f"interrupted run's folder)")
+        load_adapter(net, ckpt_dir / entry["adapter"])
+        resume_state = (entry["step"], ckpt_dir / entry["state"])
+        tracker.set_tags({"resumed_from_step": entry["step"]})
+
+    accumulation = cfg.parallel.gradient_accumulation_steps
+    total = len(ids) // (cfg.train.batch_size * accumulation) * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps)
+    save_at = save_steps(total, cfg.train.save.num_checkpoints)
+
+    def on_save(step: int, state: list) -> None:
+        if r != 0:
+            return  # one logical checkpoint: every rank holds the same weights, rank 0 writes them
+        files = {"adapter": ckpt_dir / f"adapter-step{step:06d}.ckpt", "state": ckpt_dir / f"state-step{step:06d}.ckpt"}
+        save_adapter(net, files["adapter"])
+        save_checkpoint(state, files["state"])
+        add_to_index(ckpt_dir, step, files)
+        tracker.log_metrics({"checkpoint_step": step}, step=step)
+        tracker.log_artifact(files["adapter"], "checkpoints")
+
     stats = run_steps(net, ids, labels, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs,
-                      accumulation=cfg.parallel.gradient_accumulation_steps, max_steps=cfg.train.max_steps,
-                      opt_cfg=cfg.optimizer, hw=cfg.hardware, seed=cfg.seed, shuffle=cfg.train.shuffle,
-                      pad_id=tok.pad_id, tracker=tracker, prefix="train_", desc="LoRA train")
-    save_adapter(net, run_dir / ADAPTER_FILE)
+                      accumulation=accumulation, max_steps=cfg.train.max_steps, opt_cfg=cfg.optimizer,
+                      hw=cfg.hardware, seed=cfg.seed, shuffle=cfg.train.shuffle, pad_id=tok.pad_id,
+                      tracker=tracker, prefix="train_", desc="LoRA train", world=dp,
+                      log_file=run_dir / "train_log.csv" if r == 0 else None, save_at=save_at, on_save=on_save,
+                      resume_state=resume_state)
+    if r == 0:
+        save_adapter(net, run_dir / ADAPTER_FILE)
+    losses = _logged_losses(run_dir / "train_log.csv") if r == 0 else stats["losses"]
     return {
-        "train_loss_first": stats["loss_first"],
+        "train_loss_first": losses[0] if losses else stats["loss_first"],
         "train_loss_last": stats["loss_last"],
         "train_tokens_per_s": stats["tokens_per_s"],
         "train_steps": stats["steps"],
+        "train_steps_this_run": stats["steps_this_run"],
         "train_overflow_steps": stats["overflow_steps"],
-        "train_examples": int(len(ids)),
+        "train_examples": int(len(ids)) * dp,
+        "train_global_batch": cfg.train.batch_size * accumulation * dp,
+        "checkpoints": len(save_at),
         "adapter": str(run_dir / ADAPTER_FILE),
         **param_summary(counts),
     }
+
+
+def _logged_losses(log_file: Path) -> list[float]:
+    if not log_file.is_file():
+        return []
+    return [float(line.split(",")[1]) for line in log_file.read_text().splitlines()[1:]]
 
 
 def param_summary(counts: dict) -> dict:

@@ -9,7 +9,10 @@ import pytest
 from conftest import REPO
 
 FINETUNE = [str(Path(sys.executable).with_name("finetune"))]
-QUICK = ["model.pretrain.epochs=1", "dataset.demo.num_words=40", "train.max_steps=4", "eval.limit=12"]
+QUICK = ["model.pretrain.epochs=1", "dataset.demo.num_words=40", "train.max_steps=4", "eval.limit=12",
+         "dataset.demo.squad_questions=10", "eval.squad.max_new_tokens=4"]
+SQUAD_KEYS = ("squad_f1", "squad_em", "squad_f1_base", "squad_em_base", "squad_retention_f1", "squad_retention_em",
+              "retained", "contest_score")
 
 
 def _run(args, tmp_path, run="run"):
@@ -40,6 +43,17 @@ def test_summary_has_every_figure(pipeline):
     assert set(s["per_subject_accuracy"]) <= {"kind", "use", "place"}
     assert (tmp / "run" / "adapter.ckpt").is_file()
     assert len((tmp / "run" / "eval_predictions.jsonl").read_text().splitlines()) == 12
+    # the demo's own reading set (prepare writes it; evaluate scores it when eval.squad.path is null)
+    for key in SQUAD_KEYS:
+        assert key in s, key
+    assert s["squad_questions"] == 10 and s["squad_set"] == str(Path(s["prepared_data"]) / "squad.json")
+    assert 0 <= s["squad_em"] <= s["squad_f1"] <= 100 and 0 <= s["squad_em_base"] <= s["squad_f1_base"] <= 100
+    if s["squad_f1_base"] > 0:
+        assert s["squad_retention_f1"] == pytest.approx(s["squad_f1"] / s["squad_f1_base"])
+    else:                                   # undefined ratio: null, and never counted as retained
+        assert s["squad_retention_f1"] is None and s["retained"] is False
+    assert set(json.loads((tmp / "run" / "squad_predictions.json").read_text())) == {
+        f"demo-squad-{i}" for i in range(10)}
 
 
 def test_mlflow_run_recorded(pipeline):
@@ -54,6 +68,9 @@ def test_mlflow_run_recorded(pipeline):
     assert run.data.tags["dataset"] == "demo" and run.data.tags["hardware"] == "CPU"
     m = run.data.metrics
     assert m["mc_accuracy"] == pytest.approx(s["mc_accuracy"]) and m["trainable_ratio_pct"] > 0
+    for key in SQUAD_KEYS:                  # null retention ratios are not logged (not a number)
+        if s[key] is not None:
+            assert m[key] == pytest.approx(float(s[key])), key
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4
     assert {h.step for h in client.get_metric_history(run.info.run_id, "train_lr")} == {1, 2, 3, 4}
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -18,7 +18,9 @@ option text by position, an induction-style skill a ~1M-parameter model forms to
 from __future__ import annotations
 
 import random
+import re
 
+from ..squad import squad_prompt
 from .records import LETTERS, Question
 
 KINDS = ("fruit", "animal", "tool", "colour")
@@ -34,6 +36,21 @@ CONTEXTS: dict[str, tuple[str, ...]] = {
     "colour": ("the wall was painted {w}.", "she wore a {w} dress.", "the sky turned {w} at dusk.",
                "he mixed the paint until it was {w}.", "the flag was bright {w}."),
 }
+
+# A reading-comprehension question about each context sentence (same order as CONTEXTS); the
+# answer is the sentence's made-up word, so it is a span of the passage (SQuAD-style).
+QA_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "fruit": ("What did she eat?", "What tasted sweet?", "What did he peel?", "What fell from the tree?",
+              "What did they make jam from?"),
+    "animal": ("What ran across the field?", "What barked at night?", "What slept in its den?",
+               "What did we feed?", "What chased its tail?"),
+    "tool": ("What did he fix the chair with?", "What did she cut the rope with?", "What hung in the shed?",
+             "What should you use to tighten the bolt?", "What did the builder drop?"),
+    "colour": ("What colour was the wall painted?", "What colour was her dress?", "What colour did the sky turn?",
+               "What colour was the paint?", "What colour was the flag?"),
+}
+# Sentences per passage: of different kinds, so each question has exactly one answer in it.
+PASSAGE_SENTENCES = 3
 
 # subject -> (question template, option texts indexed like KINDS order given by `order`)
 SUBJECTS: dict[str, tuple[str, tuple[str, str, str, str]]] = {
@@ -98,11 +115,68 @@ def practice_questions(n: int, seed: int) -> list[str]:
     return out
 
 
-def corpus(world: dict[str, str], seed: int, num_practice: int) -> list[str]:
-    """Every word in every context of its kind, plus practice questions, shuffled."""
+def _passage(world: dict[str, str], rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
+    """A short passage of PASSAGE_SENTENCES sentences about words of different kinds, and its
+    (question, answer word) pairs in sentence order."""
+    by_kind: dict[str, list[str]] = {}
+    for word, kind in sorted(world.items()):
+        by_kind.setdefault(kind, []).append(word)
+    sentences, qas = [], []
+    for kind in rng.sample(KINDS, PASSAGE_SENTENCES):
+        word = rng.choice(by_kind[kind])
+        c = rng.randrange(len(CONTEXTS[kind]))
+        sentences.append(CONTEXTS[kind][c].format(w=word))
+        qas.append((QA_QUESTIONS[kind][c], word))
+    return " ".join(sentences), qas
+
+
+def reading_texts(world: dict[str, str], n: int, seed: int) -> list[str]:
+    """n passages, each followed by all its questions with answers (in random order), for the base
+    corpus. The first question is in exactly the prompt format finetune.squad uses (its answer
+    ends the line, as answer_text expects); every answer is a word of the passage, so the base
+    learns to answer by finding and copying it (three answers per passage: more of that signal
+    per token of corpus)."""
+    rng = random.Random(seed + 5)
+    out = []
+    for _ in range(n):
+        passage, qas = _passage(world, rng)
+        rng.shuffle(qas)
+        (q, a), rest = qas[0], qas[1:]
+        out.append(f"{squad_prompt(passage, q)} {a}" + "".join(f"\nQuestion: {q}\nAnswer: {a}" for q, a in rest))
+    return out
+
+
+def squad_dev(world: dict[str, str], n: int, seed: int, avoid: set[str]) -> dict:
+    """A SQuAD v1.1-layout dev set of n questions, 2 per passage, generated from seed. Passages
+    that occur in `avoid` (the corpus' own passages) are skipped, so the set is new text."""
+    rng = random.Random(seed + 6)
+    paragraphs, count, seen = [], 0, set(avoid)
+    while count < n:
+        passage, qas = _passage(world, rng)
+        if passage in seen:
+            continue
+        seen.add(passage)
+        items = []
+        for question, answer in rng.sample(qas, min(2, n - count)):
+            start = re.search(rf"\b{answer}\b", passage).start()   # words are letters only
+            items.append({"id": f"demo-squad-{count}", "question": question,
+                          "answers": [{"text": answer, "answer_start": start}]})
+            count += 1
+        paragraphs.append({"context": passage, "qas": items})
+    return {"version": "1.1", "data": [{"title": "demo", "paragraphs": paragraphs}]}
+
+
+def corpus_passages(docs: list[str]) -> set[str]:
+    """The passages of the corpus' reading texts (the part before the question)."""
+    return {d.split("\n\nQuestion: ")[0] for d in docs if "\n\nQuestion: " in d}
+
+
+def corpus(world: dict[str, str], seed: int, num_practice: int, num_reading: int = 0) -> list[str]:
+    """Every word in every context of its kind, plus practice questions and reading texts, shuffled."""
     rng = random.Random(seed + 2)
     docs = [c.format(w=word) for word, kind in world.items() for c in CONTEXTS[kind]]
     docs += practice_questions(num_practice, seed)
+    docs += reading_texts(world, num_reading, seed)
     rng.shuffle(docs)
     return docs
 
@@ -143,5 +217,6 @@ def vocabulary_texts() -> list[str]:
     texts += [c.format(w="x") for cs in CONTEXTS.values() for c in cs]
     texts += [template.format(w="x") + " " + subject + " " + " ".join(options)
               for subject, (template, options) in SUBJECTS.items()]
+    texts += [squad_prompt("", q) for qs in QA_QUESTIONS.values() for q in qs]
     texts += [f"about arithmetic. What is {a} plus {b}? {a + b}" for a in range(10) for b in range(10)]
     return texts

@@ -25,34 +25,52 @@ def encode_example(prompt: str, answer: str, tok, seq_length: int) -> tuple[list
     return ids, labels
 
 
-def write_shards(examples: list[tuple[list[int], list[int]]], path: Path, num_shards: int) -> list[Path]:
-    """Write `examples` as `num_shards` MindRecord files (path, or path0..pathN-1 when sharded).
+# Fixed seed of the one-time shuffle before sharding: batches mix subjects, and the order does
+# not depend on the run's seed, so one prepared-data cache serves every seed.
+SHUFFLE_SEED = 1234
 
-    Example i goes to shard i % num_shards only through MindSpore's own round robin; each
-    data-parallel worker later reads all of them with num_shards/shard_id."""
+
+def shard_path(path: Path, num_shards: int, shard_id: int) -> Path:
+    return path if num_shards == 1 else path.with_name(f"{path.name}{shard_id}")
+
+
+def write_shards(examples: list[tuple[list[int], list[int]]], path: Path, num_shards: int) -> list[Path]:
+    """Shuffle `examples` once (SHUFFLE_SEED), then write row i to shard i % num_shards, one
+    stand-alone MindRecord file per data-parallel rank (path, or path0..pathN-1).
+
+    Round robin makes global batch k (rows k*G .. k*G+G-1 of the shuffled list, G = global
+    batch) the union of rows k*b .. k*b+b-1 of every shard (b = G / num_shards), so a run on
+    any number of devices sees the same batches. The last len % num_shards rows are dropped
+    so that every rank has the same number of steps (a rank with one more would wait forever)."""
     from mindspore.mindrecord import FileWriter
 
-    writer = FileWriter(file_name=str(path), shard_num=num_shards, overwrite=True)
-    writer.add_schema(SCHEMA, "finetune examples")
-    rows = [{"input_ids": np.asarray(ids, np.int32), "labels": np.asarray(lab, np.int32)} for ids, lab in examples]
-    for start in range(0, len(rows), 1000):
-        writer.write_raw_data(rows[start:start + 1000])
-    writer.commit()
-    if num_shards == 1:
-        return [path]
-    return [path.with_name(f"{path.name}{i}") for i in range(num_shards)]
+    order = np.random.default_rng(SHUFFLE_SEED).permutation(len(examples))
+    usable = len(order) - len(order) % num_shards
+    rows = [{"input_ids": np.asarray(examples[i][0], np.int32), "labels": np.asarray(examples[i][1], np.int32)}
+            for i in order[:usable]]
+    files = []
+    for r in range(num_shards):
+        f = shard_path(path, num_shards, r)
+        writer = FileWriter(file_name=str(f), shard_num=1, overwrite=True)
+        writer.add_schema(SCHEMA, "finetune examples")
+        shard = rows[r::num_shards]
+        for start in range(0, len(shard), 1000):
+            writer.write_raw_data(shard[start:start + 1000])
+        writer.commit()
+        files.append(f)
+    return files
 
 
-def read_shards(first_file: Path, num_shards: int = 1, shard_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """All examples (of one data-parallel shard) as two int32 arrays [N, seq_length + 1]."""
+def read_shards(path: Path, num_shards: int = 1, shard_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The examples of one data-parallel rank's shard as two int32 arrays [N, seq_length + 1]."""
     import mindspore.dataset as ds
 
-    kwargs = {"num_shards": num_shards, "shard_id": shard_id} if num_shards > 1 else {}
-    data = ds.MindDataset(str(first_file), columns_list=["input_ids", "labels"], shuffle=False, **kwargs)
+    f = shard_path(Path(path), num_shards, shard_id)
+    data = ds.MindDataset(str(f), columns_list=["input_ids", "labels"], shuffle=False)
     ids, labels = [], []
     for row in data.create_dict_iterator(output_numpy=True, num_epochs=1):
         ids.append(row["input_ids"])
         labels.append(row["labels"])
     if not ids:
-        raise ValueError(f"{first_file}: MindRecord holds no examples")
+        raise ValueError(f"{f}: MindRecord holds no examples")
     return np.stack(ids), np.stack(labels)

@@ -9,6 +9,8 @@ import sys
 if __name__ == "__main__":
     sys.path.pop(0)
     os.environ["FINETUNE_WORKER"] = "1"
+    # launch.worker_failure matches msrun's "Worker process PID exit with exception" to this line.
+    print(f"finetune worker pid {os.getpid()} rank {os.environ.get('RANK_ID', '?')}", flush=True)
     from finetune.app import main
 
     main()

@@ -1,0 +1,110 @@
+"""The demo's own SQuAD-format reading set: generated (never copied from SQuAD), official layout,
+new passages (not the corpus' text), and prompts the tiny model's window holds."""
+import json
+
+import pytest
+import regex
+
+from conftest import compose
+from finetune import metrics
+from finetune.data import demo
+from finetune.data.records import DataError
+from finetune.prepare import dataset_squad, load_meta, prepare, read_questions
+from finetune.squad import squad_prompt, squad_prompt_ids
+from finetune.tokenizer import PAT_STR, load_tokenizer
+
+WORLD = demo.build_world(160, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("tiktoken", None)
+
+
+def _records(squad: dict, tmp_path) -> list[dict]:
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(squad))
+    return metrics.load_squad(path)      # the official-layout reader evaluate uses
+
+
+def test_reading_set_is_deterministic_and_seeded():
+    a = demo.squad_dev(WORLD, 100, seed=0, avoid=set())
+    assert a == demo.squad_dev(WORLD, 100, seed=0, avoid=set())
+    assert a != demo.squad_dev(WORLD, 100, seed=1, avoid=set())
+    assert demo.reading_texts(WORLD, 50, seed=0) == demo.reading_texts(WORLD, 50, seed=0)
+
+
+def test_official_layout_unique_ids_and_answer_spans(tmp_path):
+    squad = demo.squad_dev(WORLD, 101, seed=0, avoid=set())
+    assert squad["version"] == "1.1"
+    records = _records(squad, tmp_path)
+    assert len(records) == 101                       # an odd count: the last passage has one question
+    assert len({r["id"] for r in records}) == 101
+    for paragraph in squad["data"][0]["paragraphs"]:
+        context = paragraph["context"]
+        assert 1 <= len(paragraph["qas"]) <= 2
+        for qa in paragraph["qas"]:
+            (answer,) = qa["answers"]
+            start, text = answer["answer_start"], answer["text"]
+            assert context[start:start + len(text)] == text
+            # a whole word of the passage, and the only word of its kind there
+            assert (start == 0 or context[start - 1] == " ") and context[start + len(text)] in " ."
+            kind = WORLD[text]
+            assert [w for w in regex.findall(r"\w+", context) if WORLD.get(w) == kind] == [text]
+            # the question is the one written for the sentence that holds the answer
+            sentence = next(s for s in context.split(". ") if text in s.rstrip(".").split())
+            i = [c.format(w=text).rstrip(".") for c in demo.CONTEXTS[kind]].index(sentence.rstrip("."))
+            assert qa["question"] == demo.QA_QUESTIONS[kind][i]
+    # the gold answers score 100, a wrong word 0 (the official metric over this file)
+    assert metrics.score_squad_records(records, {r["id"]: r["answers"][0] for r in records})["f1"] == 100.0
+    first_word = {r["id"]: r["context"].split()[0] for r in records}        # e.g. "she", "the"
+    assert metrics.score_squad_records(records, first_word)["exact_match"] < 10.0
+
+
+def test_reading_passages_are_not_the_corpus_text():
+    docs = demo.corpus(WORLD, seed=0, num_practice=0, num_reading=300)
+    reading = [d for d in docs if "\n\nQuestion: " in d]
+    assert len(reading) == 300
+    passage, qa = reading[0].split("\n\nQuestion: ")
+    pairs = [tuple(x.split("\nAnswer: ")) for x in qa.split("\nQuestion: ")]
+    assert len(pairs) == demo.PASSAGE_SENTENCES                            # every sentence asked about
+    (question, answer), *_ = pairs
+    assert reading[0].startswith(squad_prompt(passage, question) + f" {answer}\n")  # evaluation prompt + answer
+    assert sorted(a for _, a in pairs) == sorted(w for w in passage.replace(".", "").split() if w in WORLD)
+    avoid = demo.corpus_passages(docs)
+    assert passage in avoid and len(avoid) > 250
+    squad = demo.squad_dev(WORLD, 100, seed=0, avoid=avoid)
+    contexts = [p["context"] for p in squad["data"][0]["paragraphs"]]
+    assert len(set(contexts)) == len(contexts) == 50
+    text = "\n".join(docs)
+    assert not any(c in text for c in contexts)
+    # ... and avoiding really skips: a set generated while avoiding its own passages has none of them
+    again = demo.squad_dev(WORLD, 100, seed=0, avoid=set(contexts))
+    assert not {p["context"] for p in again["data"][0]["paragraphs"]} & set(contexts)
+
+
+def test_prompts_are_whole_word_tokens_and_fit_the_tiny_window(tok, tmp_path):
+    cfg = compose()
+    records = _records(demo.squad_dev(WORLD, 100, seed=0, avoid=set()), tmp_path)
+    ids, truncated = squad_prompt_ids(records, tok, cfg.model.seq_length, cfg.eval.squad.max_new_tokens)
+    assert truncated == 0
+    pattern = regex.compile(PAT_STR)
+    for r, row in zip(records, ids):
+        prompt = squad_prompt(r["context"], r["question"])
+        assert len(row) == 1 + len(pattern.findall(prompt))   # bos + one token per word/punctuation piece
+        assert len(tok.encode(" " + r["answers"][0])) == 1
+
+
+def test_prepare_writes_the_reading_set(tmp_path, tok):
+    out = prepare(compose([f"output_root={tmp_path}", "dataset.demo.num_reading=20"]), tok)
+    assert dataset_squad(out) == out / "squad.json"
+    assert load_meta(out)["squad_questions"] == 100
+    records = metrics.load_squad(out / "squad.json")
+    assert len(records) == 100
+    corpus = "\n".join(json.loads((out / "corpus.json").read_text()))
+    assert not any(r["context"] in corpus for r in records)
+    assert corpus.count("\n\nQuestion: ") == 20                           # dataset.demo.num_reading
+    assert dataset_squad(tmp_path) is None                                 # a folder without one
+    assert read_questions(compose(["dataset.demo.squad_questions=0"]).dataset)[2] is None
+    with pytest.raises(DataError, match=r"dataset.demo.num_reading: expected >= 0, got -1"):
+        read_questions(compose(["dataset.demo.num_reading=-1"]).dataset)

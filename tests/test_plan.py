@@ -1,0 +1,225 @@
+"""The `plan` stage (dry run) and the Ascend 910B / data-parallel presets.
+
+Counts are checked against hand arithmetic for InternLM-7B and against really built MindFormers
+models (tiny, on CPU) with mindformers.pet LoRA applied; the Ascend profile against the
+MindSpore context arguments and the MindFormers LlamaConfig it produces."""
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from conftest import REPO, compose, shared_path
+from finetune.plan import (GB, lora_layers, lora_param_count, memory_estimate, module_param_counts,
+                           plan, resolve_vocab, run_command)
+from finetune.schema import ConfigError
+from finetune.tracking import Tracker
+
+INTERNLM_TOK = ("tokenizers", "internlm_v7_sft.model")
+
+
+def internlm(extra=()):
+    tok = shared_path(*INTERNLM_TOK)
+    return compose(["model=internlm_7b", "hardware=ascend910b", "parallel=dp4",
+                    "model.checkpoint=/nonexistent/internlm.ckpt", f"model.tokenizer.path={tok}", *extra])
+
+
+# InternLM-7B by hand: vocab 103168, hidden 4096, 32 layers, FFN 11008, biases on q/k/v/o, untied head.
+EMBED = 103168 * 4096                      # 422,576,128 (and the same again for lm_head)
+ATTN = 4 * (4096 * 4096 + 4096)           # wq wk wv wo with biases: 67,125,248 per layer
+FFN = 3 * 4096 * 11008                    # w1 w2 w3: 135,266,304 per layer
+NORMS = 2 * 4096                          # attention_norm + ffn_norm per layer
+BASE = 2 * EMBED + 32 * (ATTN + FFN + NORMS) + 4096
+LORA = 32 * 4 * 8 * (4096 + 4096)         # rank 8 on 4 square projections per layer
+
+
+def test_internlm_7b_counts_match_the_seed(tmp_path):
+    assert BASE == 7_321_948_160 and LORA == 8_388_608   # the arithmetic above is the seed's figure
+    cfg = internlm(["train.batch_size=2"])
+    r = plan(cfg, tmp_path, Tracker())
+    assert r["plan_total_params"] == 7_321_948_160
+    assert r["plan_trainable_params"] == 8_388_608
+    assert round(r["plan_trainable_ratio_pct"], 4) == 0.1146
+    assert r["plan_world_size"] == 4
+    assert r["plan_tokens_per_step"] == 2 * 4 * 1 * 2048
+    assert r["missing_files"] == ["model.checkpoint=/nonexistent/internlm.ckpt"]   # tokenizer exists, demo has no path
+    report = json.loads((tmp_path / "plan.json").read_text())
+    counts = report["params_per_module"]
+    assert counts["model.layers.31.attention.wk"] == 4096 * 4096 + 4096
+    assert counts["model.layers.0.feed_forward.w2"] == 11008 * 4096
+    assert counts["lm_head"] == counts["model.tok_embeddings"] == EMBED
+    assert report["param_groups"] == {"embedding": EMBED, "attention": 32 * ATTN, "feed_forward": 32 * FFN,
+                                      "norms": 32 * NORMS + 4096, "lm_head": EMBED}
+    assert len(report["lora_layers"]) == 128 and "model.layers.5.attention.wo" in report["lora_layers"]
+
+
+def _real_counts(overrides, tmp_path):
+    """count_params and per-cell counts of the really built model (as train.py builds it) + LoRA."""
+    from finetune.lora import apply_lora
+    from finetune.model import build_model, count_params
+    from finetune.tokenizer import load_tokenizer
+
+    cfg = compose(overrides)
+    tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
+    net = apply_lora(build_model(cfg.model, cfg.hardware, tok, 2, 0), cfg.lora, str(tmp_path))
+    per_cell, seen = Counter(), set()
+    for p in net.get_parameters():
+        if "mindpet_delta" in p.name or id(p) in seen:
+            continue
+        seen.add(id(p))
+        per_cell[p.name.rsplit(".", 1)[0]] += p.size
+    return cfg, count_params(net), dict(per_cell)
+
+
+@pytest.mark.parametrize("overrides", [
+    [],                                                         # tiny: GQA (2 kv heads of 4), tied, attention LoRA
+    ["lora.target_modules=.*wq|.*w1", "model.n_kv_heads=1", "model.qkv_has_bias=true",
+     "model.attn_proj_has_bias=true", "model.tie_word_embeddings=false", "lora.rank=4"],
+    # pet matches each cell's own name: 'feed_forward' matches but is no Linear, so the FFN is
+    # skipped and only wq is adapted (matching dotted names would pick w1/w2/w3 instead).
+    ["lora.target_modules=wq|.*feed_forward.*", "model.n_kv_heads=null"],
+], ids=["default", "wq-w1-gqa1-bias-untied", "pet-own-name-semantics"])
+def test_counts_equal_the_real_tiny_model(ms_cpu, overrides, tmp_path):
+    cfg, real, per_cell = _real_counts(overrides, tmp_path)
+    vocab, _ = resolve_vocab(cfg.model)
+    counts = module_param_counts(cfg.model, vocab)
+    lora = lora_param_count(cfg.model, cfg.lora)
+    assert counts == per_cell
+    assert sum(counts.values()) == real["base"]
+    assert lora == real["adapter"] == real["trainable"] > 0
+
+
+def test_lora_layers_follow_pet_walk():
+    cfg = compose()
+    assert sorted(lora_layers(cfg.model, "wq|.*feed_forward.*")) == [f"model.layers.{i}.attention.wq" for i in range(4)]
+    with pytest.raises(ConfigError, match=r"lora.target_modules='\.\*attention' matches no layer"):
+        lora_param_count(cfg.model, compose(["lora.target_modules=.*attention"]).lora)
+    with pytest.raises(ConfigError, match="lora.target_modules"):
+        lora_param_count(cfg.model, compose(["lora.target_modules=.*lm_head"]).lora)   # outside pet's walk
+
+
+def test_ascend910b_context_and_llama_config(shared):
+    import mindspore as ms
+    from finetune.model import context_kwargs, llama_config
+    from finetune.tokenizer import load_tokenizer
+
+    cfg = internlm()
+    assert context_kwargs(cfg.hardware) == {"mode": ms.GRAPH_MODE, "device_target": "Ascend",
+                                            "max_device_memory": "58GB"}
+    tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
+    c = llama_config(cfg.model, cfg.hardware, 103168, tok, 2)
+    # LlamaConfig converts dtype strings to mindspore types (convert_mstype)
+    assert (c.compute_dtype, c.param_init_type, c.embedding_init_type) == (ms.float16,) * 3
+    assert (c.layernorm_compute_type, c.softmax_compute_type, c.rotary_dtype) == (ms.float32,) * 3
+    assert (c.fused_rms_norm, c.use_rope_slice, c.use_flash_attention, c.use_past) == (True, False, True, False)
+    assert (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.n_kv_heads, c.intermediate_size) == \
+        (103168, 4096, 32, 32, None, 11008)
+    assert (c.qkv_has_bias, c.attn_proj_has_bias, c.tie_word_embeddings) == (True, True, False)
+    assert (c.seq_length, c.rms_norm_eps, c.theta) == (2048, 1e-6, 10000.0)
+    assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (1, 2, 2)
+    hw = cfg.hardware
+    assert (hw.loss_scale.kind, hw.loss_scale.init_scale, hw.loss_scale.factor, hw.loss_scale.window) == \
+        ("dynamic", 65536.0, 2.0, 1000)
+
+
+def test_ascend910b_recompute_reaches_mindformers(shared):
+    """MindFormers' Llama reads recompute from config.parallel_config.recompute (LayerSetting),
+    not from a `recompute_config` attribute."""
+    from finetune.model import llama_config
+    from finetune.tokenizer import load_tokenizer
+
+    cfg = internlm()
+    tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
+    c = llama_config(cfg.model, cfg.hardware, 103168, tok, 2)
+    assert c.parallel_config.recompute.recompute is True, \
+        "model.llama_config must pass parallel_config={'recompute': {'recompute': hw.recompute}}"
+
+
+def test_memory_refuses_what_does_not_fit_and_accepts_the_seed_setup(tmp_path):
+    cfg = internlm(["hardware.param_init_type=float32", "train.batch_size=64", "hardware.recompute=false"])
+    # by hand, bytes per device: fp32 weights + fp32 LoRA (params, grads, 2 moments)
+    # + 32 layers x 34 s b h (16-bit, flash attention) + fp32 logits b s V
+    need = BASE * 4 + LORA * 4 * 4 + 32 * 34 * 2048 * 64 * 4096 + 64 * 2048 * 103168 * 4
+    short = (need - 58 * GB) / GB
+    with pytest.raises(ConfigError, match=rf"needs {need / GB:.2f} GB per device .*"
+                                          rf"hardware.max_device_memory=58GB is short by {short:.2f} GB"):
+        plan(cfg, tmp_path, Tracker())
+    assert json.loads((tmp_path / "plan.json").read_text())["fits"] is False   # written before refusing
+
+    cfg = internlm(["train.batch_size=2"])
+    r = plan(cfg, tmp_path, Tracker())
+    mem = json.loads((tmp_path / "plan.json").read_text())["memory_bytes"]
+    # 7,321,948,160 x 2 bytes = 14.64e9 at fp16, plus the RMSNorm weights, which MindFormers keeps in
+    # float32 (layernorm_compute_type): 65 x 4096 x 2 more bytes
+    assert mem["base_weights"] == 7_321_948_160 * 2 + 65 * 4096 * 2 == 14_644_428_800
+    assert mem["logits"] == 2 * 2048 * 103168 * 4
+    assert mem["activations_recompute"] == 32 * 2 * 2048 * 2 * 4096 + 34 * 2048 * 2 * 4096
+    assert mem["optimizer_state"] == 2 * LORA * 4
+    total = mem["base_weights"] + 4 * LORA * 4 + mem["logits"] + mem["activations_recompute"]
+    assert r["plan_memory_gb"] == r["plan_memory_gb_recompute"] == pytest.approx(total / GB)   # 16.87
+    assert r["plan_memory_gb_no_recompute"] > 30 > r["plan_memory_gb"]
+
+
+def test_weight_bytes_equal_a_real_model_built_with_ascend_dtypes(ms_cpu):
+    """Construction only (nothing runs): every parameter dtype as MindFormers creates it for
+    hardware=ascend910b, with biases on."""
+    from finetune.model import build_model
+    from finetune.tokenizer import load_tokenizer
+
+    cfg = compose(["hardware=ascend910b", "model.qkv_has_bias=true", "model.attn_proj_has_bias=true",
+                   "model.tie_word_embeddings=false"])
+    tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
+    net = build_model(cfg.model, cfg.hardware, tok, 2, 0)
+    real = sum(p.size * p.itemsize for p in net.get_parameters())
+    counts = module_param_counts(cfg.model, tok.vocab_size)
+    assert memory_estimate(cfg, counts, 0, tok.vocab_size)["base_weights"] == real
+
+
+def test_msrun_commands():
+    assert run_command(compose(), REPO, ["lora.rank=4"]) == ["finetune", "lora.rank=4"]
+    overrides = ["parallel=dp4", "stages=[plan,train]"]
+    cmd = run_command(compose(overrides), REPO, overrides)
+    assert "--worker_num=4" in cmd and "--local_worker_num=4" in cmd
+    assert cmd[-3:] == ["parallel=dp4", "stages=[train]", f"hydra.run.dir={REPO}"]
+    cmd = run_command(compose(["parallel=dp8", "parallel.nodes=2", "parallel.node_rank=1"]), REPO, [])
+    assert {"--worker_num=8", "--local_worker_num=4", "--node_rank=1"} <= set(cmd)
+    with pytest.raises(ConfigError, match="parallel.nodes=3"):
+        run_command(compose(["parallel=dp8", "parallel.nodes=3"]), REPO, [])
+
+
+def test_unknown_vocab_and_missing_tokenizer(tmp_path):
+    cfg = compose(["model.tokenizer.path=/nope/ranks.tiktoken", "parallel=dp2"])
+    r = plan(cfg, tmp_path, Tracker())
+    report = json.loads((tmp_path / "plan.json").read_text())
+    assert report["vocab_size"] is None and report["vocab_source"].startswith("unknown")
+    assert report["params_per_module"]["model.tok_embeddings"] == 0
+    assert r["missing_files"] == ["model.tokenizer.path=/nope/ranks.tiktoken"]
+    assert r["plan_tokens_per_step"] == 16 * 2 * 64
+
+
+def test_cli_plan_stage_end_to_end(tmp_path):
+    """Needs app.py to run `plan` first and alone (no tokenizer, data or context) for stages=[plan]."""
+    tok = shared_path(*INTERNLM_TOK)
+    run_dir = tmp_path / "run"
+    args = ["stages=[plan]", "model=internlm_7b", "hardware=ascend910b", "parallel=dp4",
+            "model.checkpoint=/nope.ckpt", f"model.tokenizer.path={tok}", f"output_root={tmp_path}",
+            f"hydra.run.dir={run_dir}"]
+    p = subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "0.1146% of base" in p.stdout and "model.checkpoint=/nope.ckpt" in p.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "FINISHED"
+    assert summary["plan_trainable_params"] == 8_388_608 and summary["plan_total_params"] == 7_321_948_160
+    assert "--worker_num=4" in summary["msrun_command"] and "model=internlm_7b" in summary["msrun_command"]
+    assert "stages=" not in summary["msrun_command"]   # the real run: default stages, not the plan again
+    assert not (run_dir / "msrun").exists()            # nothing launched
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        (value,) = db.execute("SELECT value FROM metrics WHERE key = 'plan_trainable_params' AND run_uuid = ?",
+                              (summary["mlflow_run_id"],)).fetchone()
+    assert value == 8_388_608
+    artifacts = [a for a in (tmp_path / "mlartifacts").rglob("plan.json") if summary["mlflow_run_id"] in str(a)]
+    assert artifacts, "plan.json not logged as an MLflow artifact"

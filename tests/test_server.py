@@ -1,0 +1,149 @@
+"""A real `mlflow server` (SQLite backend, local artifact root, free loopback port): a job logs to it and is
+read back through the REST API; an unreachable server stops the job before any work (or, with
+tracking.required=false, the job falls back to the local store and says where)."""
+import http.server
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from finetune.schema import ConfigError, TrackingConfig
+from finetune.tracking import default_uri, resolve_uri, server_problem
+
+BIN = Path(sys.executable).parent
+TINY = ["model.pretrain.epochs=0", "dataset.demo.num_words=40", "eval.limit=8", "eval.squad.limit=0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rest(uri: str, path: str, **query) -> dict:
+    url = f"{uri}/api/2.0/mlflow/{path}?" + "&".join(f"{k}={v}" for k, v in query.items())
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    port = free_port()
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240      # imports + creating the database take a while on a busy machine
+        while server_problem(uri, timeout=2) is not None:
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"mlflow server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
+            time.sleep(1)
+        yield uri, tmp
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)   # the server's own process group (uvicorn + job runner)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _finetune(tmp: Path, args: list[str], run: str = "run") -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "finetune"), f"output_root={tmp}", f"hydra.run.dir={tmp / run}", *args]
+    return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=900)
+
+
+def test_job_logs_to_the_server(server):
+    uri, tmp = server
+    proc = _finetune(tmp, [*TINY, "stages=[prepare,evaluate]", f"tracking.uri={uri}", "tracking.experiment=srv"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp / "run" / "summary.json").read_text())
+    assert s["mlflow_uri"] == uri
+    run = rest(uri, "runs/get", run_id=s["mlflow_run_id"])["run"]
+    assert run["info"]["status"] == "FINISHED"
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert metrics["mc_accuracy"] == s["mc_accuracy"]
+    assert metrics["mc_accuracy_base"] == s["mc_accuracy_base"]
+    assert metrics["trainable_ratio_pct"] == pytest.approx(s["trainable_ratio_pct"])
+    assert params["eval.limit"] == "8" and params["tracking.uri"] == uri
+    exp = rest(uri, "experiments/get-by-name", experiment_name="srv")["experiment"]
+    assert exp["experiment_id"] == run["info"]["experiment_id"]
+    # Artifacts go through the server (proxied) into its --artifacts-destination, not the job's folder.
+    files = {f["path"] for f in rest(uri, "artifacts/list", run_id=s["mlflow_run_id"])["files"]}
+    assert {"summary.json", "config_resolved.yaml"} <= files
+    stored = tmp / "artifacts" / exp["experiment_id"] / s["mlflow_run_id"] / "artifacts" / "summary.json"
+    assert json.loads(stored.read_text())["mc_accuracy"] == s["mc_accuracy"]
+    assert not (tmp / "mlflow.db").exists()          # nothing went to the local store
+
+
+def test_unreachable_server_stops_the_job_before_any_work(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"        # nothing listens there
+    proc = _finetune(tmp_path, [*TINY, f"tracking.uri={uri}"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("finetune: error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"finetune: error: tracking.uri: no MLflow server at {uri} (")
+    assert errors[0].endswith("start one with `make mlflow-server`, or set tracking.required=false to log locally")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "cache").exists()         # no data prepared, no model built
+    assert not (tmp_path / "run" / "summary.json").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def _tracking(uri, required):
+    return OmegaConf.structured(TrackingConfig(uri=uri, required=required))
+
+
+def test_required_false_falls_back_to_the_local_store_and_says_where(tmp_path, caplog):
+    uri = f"http://127.0.0.1:{free_port()}"
+    with caplog.at_level(logging.WARNING, logger="finetune.tracking"):
+        assert resolve_uri(_tracking(uri, False), tmp_path) == default_uri(tmp_path)
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert f"no MLflow server at {uri}" in message and default_uri(tmp_path) in message
+    with pytest.raises(ConfigError, match=f"^tracking.uri: no MLflow server at {uri} "):
+        resolve_uri(_tracking(uri, True), tmp_path)
+
+
+def test_local_uris_are_not_probed(tmp_path):
+    assert resolve_uri(_tracking(None, True), tmp_path) == default_uri(tmp_path)
+    assert resolve_uri(_tracking("sqlite:////x/y.db", True), tmp_path) == "sqlite:////x/y.db"
+    assert resolve_uri(_tracking("file:///x/mlruns", True), tmp_path) == "file:///x/mlruns"
+
+
+def test_server_problem_names_what_answered(server):
+    uri, _ = server
+    assert server_problem(uri) is None
+    assert server_problem(uri + "/") is None
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        other = f"http://127.0.0.1:{httpd.server_address[1]}"
+        assert server_problem(other) == f"GET {other}/health answered HTTP 404"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert "refused" in server_problem(f"http://127.0.0.1:{free_port()}").lower()
