@@ -52,8 +52,6 @@ def validate(cfg) -> None:
                           "(hardware.loss_scale.kind=dynamic), or gradients underflow silently")
     if cfg.eval.num_shots < 0:
         raise ConfigError(f"eval.num_shots: expected >= 0, got {cfg.eval.num_shots}")
-    if "predict" in cfg.stages and not cfg.predict.input:
-        raise ConfigError("predict.input: required for stages=[predict] (an Alpaca JSON or MMLU/CMMLU CSV file)")
     if cfg.predict.format not in ("jsonl", "npy"):
         raise ConfigError(f"predict.format: expected 'jsonl' or 'npy', got {cfg.predict.format!r}")
 
@@ -62,7 +60,7 @@ def check_input_files(cfg) -> None:
     """Input files named in the config must exist before any long work (training) starts.
     Called inside the tracked run, so a missing file is recorded as a FAILED run."""
     files = {"eval.squad.path": cfg.eval.squad.path if "evaluate" in cfg.stages else None,
-             "eval.adapter": cfg.eval.adapter if {"evaluate", "predict"} & set(cfg.stages) else None,
+             "eval.adapter": cfg.eval.adapter if {"evaluate", "merge", "predict", "export"} & set(cfg.stages) else None,
              "predict.input": cfg.predict.input if "predict" in cfg.stages else None}
     for key, path in files.items():
         if path and not Path(path).is_file():

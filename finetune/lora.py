@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 
 from .model import ModelError, load_checkpoint, save_checkpoint
 
@@ -10,36 +9,30 @@ ADAPTER_TAG = "mindpet_delta_lora"
 ADAPTER_FILE = "adapter.ckpt"   # what the train stage writes into the run dir
 
 
-def matching_layers(net, target_modules: str) -> list[str]:
-    """Dense layers whose cell name matches the target regex (mindformers.pet uses re.match)."""
-    import mindspore.nn as nn
-    from mindformers.modules.layers import Linear
-
-    pattern = re.compile(target_modules)
-    return [name for name, cell in net.cells_and_names()
-            if isinstance(cell, (nn.Dense, Linear)) and pattern.match(name)]
-
-
 def apply_lora(net, lora_cfg, output_dir: str | None = None):
     """Add LoRA to every layer matched by lora.target_modules and freeze everything else.
 
-    A regex that matches nothing would silently train nothing (or, after MindFormers'
-    freeze, leave no trainable parameter), so it is an error here."""
+    mindformers.pet matches the regex against each cell's own name ('wq', not the dotted path)
+    and stops at a matching non-Linear cell (plan.lora_layers has the exact rule), so whether
+    anything was wrapped is checked afterwards: a regex that wraps nothing would silently train
+    nothing. LoRA weights are float32 whatever the base's dtype (fp16 on Ascend): small updates
+    to B and A would round away in float16."""
     from mindformers.pet import LoraConfig, get_pet_model
 
     if lora_cfg.rank < 1:
         raise ModelError(f"lora.rank: expected >= 1, got {lora_cfg.rank}")
     if not 0.0 <= lora_cfg.dropout < 1.0:
         raise ModelError(f"lora.dropout: expected in [0, 1), got {lora_cfg.dropout}")
-    layers = matching_layers(net, lora_cfg.target_modules)
-    if not layers:
-        raise ModelError(f"lora.target_modules={lora_cfg.target_modules!r} matches no layer of the model "
-                         f"(layers look like 'model.layers.0.attention.wq', 'model.layers.0.feed_forward.w1')")
     if output_dir:  # MindFormers writes adapter_config.json into its output root
         os.environ["LOCAL_DEFAULT_PATH"] = str(output_dir)
     config = LoraConfig(lora_rank=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=lora_cfg.target_modules)
-    return get_pet_model(net, config)
+                        target_modules=lora_cfg.target_modules, param_init_type="float32",
+                        compute_dtype=net.config.compute_dtype)
+    net = get_pet_model(net, config)
+    if not adapter_params(net):
+        raise ModelError(f"lora.target_modules={lora_cfg.target_modules!r} matches no layer of the model "
+                         f"(it is matched against each cell's own name: e.g. '.*wq|.*wv', 'w1|w3')")
+    return net
 
 
 def adapter_path(cfg, run_dir) -> "Path":

@@ -1,9 +1,10 @@
 """Stage `predict`: a file of questions in, answers out.
 
-Input (predict.input): an Alpaca JSON list ({instruction, input, output?}, optional id), or one
+Input (predict.input; default: the dataset's prepared eval split): an Alpaca JSON list ({instruction, input, output?}, optional id), or one
 MMLU/CMMLU CSV file (answer column optional). A record whose prompt ends in the style's answer
 cue ("Answer:" / "答案是：") is multiple choice: letter probabilities at the last position, as in
 evaluate. Any other record gets a greedy free-text answer (first line).
+Model: the run's merged.ckpt when the merge stage wrote one, else base + adapter, else the base.
 Output: JSON Lines {id, prediction, probabilities?}; predict.format=npy also writes results.npy
 (predicted option index 0-3 per record, -1 for free text), the seed's submission format.
 """
@@ -22,6 +23,7 @@ from .data.records import LETTERS, DataError, load_csv, make_question
 from .evaluate import letter_logits, letter_token_ids
 from .generate import greedy_generate
 from .lora import adapter_path, apply_lora, load_adapter
+from .model import build_model, load_checkpoint
 from .squad import answer_text
 from .train import load_base
 
@@ -71,27 +73,37 @@ def _read_csv(path: Path, style: str) -> list[dict]:
 
 
 def predict(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
-    p = cfg.predict   # input and format were checked at start-up (app.validate)
+    p = cfg.predict   # format was checked at start-up (app.validate)
     style = cfg.dataset.style
-    records = read_predict_input(p.input, style)
+    # No input given: the prepared eval split (Alpaca JSON), i.e. predict on the dataset's test set.
+    source = p.input or prepared / "alpaca" / "eval.json"
+    records = read_predict_input(source, style)
     cue = _CUES[style]
     is_mc = [r["prompt"].rstrip().endswith(cue) for r in records]
     mc = [i for i, m in enumerate(is_mc) if m]
     free = [i for i, m in enumerate(is_mc) if not m]
 
-    net = load_base(cfg, tok, prepared, tracker, p.batch_size)
+    merged = run_dir / "merged.ckpt"
     adapter = adapter_path(cfg, run_dir)
-    if adapter.is_file():
-        net = apply_lora(net, cfg.lora, run_dir / "mindformers")
-        load_adapter(net, adapter)
+    if merged.is_file() and not cfg.eval.adapter:   # the seed's flow: predict with the merged model
+        net = build_model(cfg.model, cfg.hardware, tok, p.batch_size, cfg.seed)
+        load_checkpoint(net, merged, what="merged model")
+        model_used = str(merged)
     else:
-        log.warning("predict: no adapter at %s; predicting with the base model", adapter)
+        net = load_base(cfg, tok, prepared, tracker, p.batch_size)
+        if adapter.is_file():
+            net = apply_lora(net, cfg.lora, run_dir / "mindformers")
+            load_adapter(net, adapter)
+            model_used = f"base + {adapter}"
+        else:
+            log.warning("predict: no adapter at %s; predicting with the base model", adapter)
+            model_used = "base"
     t0 = time.perf_counter()
     seq = cfg.model.seq_length
     ids = [[tok.bos_id] + tok.encode(r["prompt"]) for r in records]
     too_long = [records[i]["id"] for i, x in enumerate(ids) if len(x) > seq]
     if too_long:
-        raise DataError(f"{p.input}: {len(too_long)} record(s) longer than model.seq_length={seq} tokens, "
+        raise DataError(f"{source}: {len(too_long)} record(s) longer than model.seq_length={seq} tokens, "
                         f"e.g. id {too_long[0]}")
     results: list[dict] = [{"id": r["id"]} for r in records]
     if mc:
@@ -113,7 +125,8 @@ def predict(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
     tmp = output.with_name(output.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
     tmp.replace(output)
-    out = {"predict_output": str(output), "predict_records": len(records), "predict_multiple_choice": len(mc),
+    out = {"predict_output": str(output), "predict_input": str(source), "predict_model": model_used,
+           "predict_records": len(records), "predict_multiple_choice": len(mc),
            "predict_examples_per_s": len(records) / seconds if seconds else float("nan")}
     if p.format == "npy":
         indices = np.array([LETTERS.index(r["prediction"]) if "probabilities" in r else -1 for r in results],

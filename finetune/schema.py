@@ -204,7 +204,7 @@ class SquadConfig:
 
 @dataclass
 class PredictConfig:
-    input: Optional[str] = None    # Alpaca JSON list, or an MMLU/CMMLU CSV file
+    input: Optional[str] = None    # Alpaca JSON list, or an MMLU/CMMLU CSV file; null = the eval split
     output: Optional[str] = None   # JSON Lines; null = <run dir>/predictions.jsonl
     format: str = "jsonl"          # jsonl | npy (also writes results.npy: predicted option indices)
     max_new_tokens: int = 32       # for free-text (non multiple-choice) records
@@ -239,7 +239,7 @@ class Config:
     merge: MergeConfig = field(default_factory=MergeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    stages: list[str] = field(default_factory=lambda: ["prepare", "train", "evaluate"])
+    stages: list[str] = field(default_factory=lambda: ["prepare", "train", "evaluate", "merge", "predict"])
     seed: int = 0
     output_root: str = "outputs"   # data cache, base-model cache and the default MLflow store
 

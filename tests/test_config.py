@@ -75,7 +75,7 @@ def test_default_composes_with_the_seed_values():
     assert o.eps == pytest.approx(1e-8)
     assert o.weight_decay == pytest.approx(0.01)
     assert o.warmup_ratio == pytest.approx(0.03)
-    assert list(cfg.stages) == ["prepare", "train", "evaluate"]
+    assert list(cfg.stages) == ["prepare", "train", "evaluate", "merge", "predict"]
     assert cfg.dataset.name == "demo"
     assert cfg.model.name == "tiny"
     assert cfg.hardware.device_target == "CPU"
@@ -185,7 +185,8 @@ def test_required_value_missing_fails_naming_it(group, option, key):
     (["train.batch_size=0"], "train.batch_size"),
     (["model.num_heads=3"], "num_heads"),
     (["eval.num_shots=-1"], "eval.num_shots"),
-    (["parallel.data_parallel=2"], "parallel"),
+    (["parallel.data_parallel=0"], "parallel.data_parallel"),
+    (["parallel.pipeline_stage=2"], "parallel.model_parallel/pipeline_stage"),
 ])
 def test_validate_rejects(overrides, needle):
     cfg = _compose(overrides)
@@ -242,7 +243,9 @@ def test_float16_without_loss_scale_is_refused():
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [
-    (["stages=[predict]"], "predict.input: required"),
+    (["parallel=dp2", "parallel.model_parallel=2"], "parallel.model_parallel/pipeline_stage > 1"),
+    (["train.save.num_checkpoints=-1"], "train.save.num_checkpoints"),
+    (["stages=[merge]", "eval.adapter=/nonexistent/a.ckpt"], "eval.adapter: /nonexistent/a.ckpt not found"),
     (["predict.format=csv"], "predict.format"),
     (["eval.squad.path=/nonexistent/dev.json"], "eval.squad.path: /nonexistent/dev.json not found"),
     (["stages=[predict]", "predict.input=/nonexistent/q.json"], "predict.input: /nonexistent/q.json not found"),

@@ -63,7 +63,7 @@ def test_lora_training_decreases_loss_and_only_moves_the_adapter(setup, tmp_path
     assert stats["steps"] == 20
     # A random-init base: the answer loss starts near ln(vocab) ~ 7.9 and LoRA alone pulls it well down.
     assert stats["loss_first"] > 6.0
-    assert stats["loss_last"] < stats["loss_first"] - 1.5
+    assert np.mean(stats["losses"][-5:]) < stats["loss_first"] - 1.0
     after = {p.name: p.asnumpy() for p in net.get_parameters()}
     moved = {n for n in before if not np.array_equal(before[n], after[n])}
     assert moved and all("mindpet_delta_lora" in n for n in moved)

@@ -217,6 +217,5 @@ def vocabulary_texts() -> list[str]:
     texts += [c.format(w="x") for cs in CONTEXTS.values() for c in cs]
     texts += [template.format(w="x") + " " + subject + " " + " ".join(options)
               for subject, (template, options) in SUBJECTS.items()]
-    texts += [squad_prompt("", q) for qs in QA_QUESTIONS.values() for q in qs]
     texts += [f"about arithmetic. What is {a} plus {b}? {a + b}" for a in range(10) for b in range(10)]
     return texts
