@@ -151,6 +151,8 @@ def evaluate(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
             result.update(squad_f1=tuned_squad["f1"], squad_em=tuned_squad["exact_match"])
             if base_squad is not None:
                 result.update(retention(tuned_squad, base_squad, cfg.eval.retention_threshold))
+                # the summary keeps the boolean; the tracker skips booleans, so MLflow gets 1.0 / 0.0
+                tracker.log_metrics({"retained": float(result["retained"])})
     else:
         log.warning("evaluate: no adapter at %s (run the train stage, or set eval.adapter); "
                     "mc_accuracy is the base model's", adapter)

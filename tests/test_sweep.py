@@ -120,7 +120,10 @@ def test_report_on_a_real_run_dir(grid):
 
 @pytest.fixture(scope="module")
 def optuna(root):
-    proc = _multirun(root, "optuna", ["hydra/sweeper=finetune_optuna", "hydra.sweeper.n_trials=3", "eval.base=false"])
+    # Trials evaluate without training (the grid above trains): the objective is contest_score, which the
+    # sampled lora.rank moves (trainable ratio) while the accuracy stays the base model's.
+    proc = _multirun(root, "optuna", ["hydra/sweeper=finetune_optuna", "hydra.sweeper.n_trials=3",
+                                      "stages=[prepare,evaluate]", "sweep.objective=contest_score"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root, proc
 
@@ -138,16 +141,34 @@ def test_optuna_preset_three_trials(optuna):
         assert 1e-5 <= float(p["optimizer.learning_rate"]) <= 1e-2
         assert 0.0 <= float(p["lora.dropout"]) <= 0.1
         assert f"lora.rank={p['lora.rank']}" in child.data.tags["sweep_overrides"]
-        assert child.data.metrics["train_steps"] == 2
-    # Optuna maximized what the jobs returned (mc_accuracy; direction comes from sweep.direction).
-    assert "Directions: [StudyDirection.MAXIMIZE]" in proc.stdout + proc.stderr
+        # the sampled rank is what was built: 4 layers x 4 attention projections x rank x (128 + 128 or 64)
+        assert child.data.metrics["trainable_params"] == 4 * int(p["lora.rank"]) * (2 * 256 + 2 * (128 + 64))
+    # Optuna maximized what the jobs returned (contest_score), and the parent agrees.
     result = OmegaConf.load(root / "optuna" / "optimization_results.yaml")
-    accs = [children[j].data.metrics["mc_accuracy"] for j in range(3)]
-    assert result.best_value == pytest.approx(max(accs))
-    assert parent.data.metrics["mc_accuracy"] == pytest.approx(max(accs))
+    scores = [children[j].data.metrics["contest_score"] for j in range(3)]
+    assert result.best_value == pytest.approx(max(scores))
+    assert parent.data.tags["objective"] == "contest_score"
+    assert parent.data.metrics["contest_score"] == pytest.approx(max(scores))
     best = children[int(parent.data.tags["best_job"])]
     assert best.info.run_id == parent.data.tags["best_run"]
-    assert best.data.metrics["mc_accuracy"] == pytest.approx(max(accs))
+    assert best.data.params["lora.rank"] == str(result.best_params["lora.rank"])
+
+
+def test_optuna_preset_direction_follows_sweep_direction():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from finetune.schema import register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        for direction in ("maximize", "minimize"):
+            cfg = compose("config", overrides=["hydra/sweeper=finetune_optuna", f"sweep.direction={direction}"],
+                          return_hydra_config=True)
+            assert cfg.hydra.sweeper.direction == direction
+            assert cfg.hydra.sweeper.n_jobs == 1 and cfg.hydra.sweeper.sampler.seed == cfg.seed
+        plain = compose("config", overrides=["hydra/sweeper=optuna"], return_hydra_config=True)
+        assert plain.hydra.sweeper.params is None       # the plugin's own preset still works
 
 
 def test_optuna_sweeper_records_a_none_return_as_a_failed_trial(tmp_path):
