@@ -58,8 +58,11 @@ def msrun_command(cfg, run_dir: Path, overrides: list[str]) -> list[str]:
         "--tail_worker_log=0",   # the console follows rank 0; every rank's log is in msrun/worker_N.log
         f"--cluster_time_out={par.join_timeout}",
         str(WORKER_SCRIPT),
-        *overrides,
+        *[o for o in overrides if not o.startswith("hydra.run.dir=")],
         f"hydra.run.dir={run_dir}",
+        # workers log to stdout (msrun keeps it in msrun/worker_N.log) and leave .hydra/ to the launcher
+        "hydra.output_subdir=null",
+        "hydra/job_logging=stdout",
     ]
 
 
@@ -119,9 +122,7 @@ def launch(cfg, run_dir: Path) -> dict:
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     warm_caches(cfg)
-    # Workers log to stdout (msrun captures it in msrun/worker_N.log) and do not rewrite .hydra/.
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.run.dir=")]
-    cmd = msrun_command(cfg, run_dir, overrides + ["hydra.output_subdir=null", "hydra/job_logging=stdout"])
+    cmd = msrun_command(cfg, run_dir, list(HydraConfig.get().overrides.task))
     cmd[0] = shutil.which("msrun") or str(Path(sys.executable).parent / "msrun")
     print(f"finetune: launching {world_size(cfg.parallel)} workers: {' '.join(cmd)}", file=sys.stderr, flush=True)
     # msrun starts workers as `python worker.py`: put this interpreter's folder (the venv) first.
@@ -137,6 +138,8 @@ def launch(cfg, run_dir: Path) -> dict:
     summary_file = run_dir / "summary.json"
     if proc.returncode != 0:
         raise LaunchError(f"msrun exited with {proc.returncode}; {worker_failure(run_dir / 'msrun', msrun_lines)}")
+    if cfg.parallel.node_rank != 0:
+        return {}   # rank 0 (on node 0) tracks the run and writes its summary
     if not summary_file.is_file():
         raise LaunchError(f"msrun finished but rank 0 wrote no {summary_file}; see {run_dir / 'msrun'}")
     return json.loads(summary_file.read_text())
