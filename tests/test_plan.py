@@ -183,7 +183,8 @@ def test_msrun_commands():
     overrides = ["parallel=dp4", "stages=[plan,train]"]
     cmd = run_command(compose(overrides), REPO, overrides)
     assert "--worker_num=4" in cmd and "--local_worker_num=4" in cmd
-    assert cmd[-3:] == ["parallel=dp4", "stages=[train]", f"hydra.run.dir={REPO}"]
+    assert cmd[-5:] == ["parallel=dp4", "stages=[train]", f"hydra.run.dir={REPO}", "hydra.output_subdir=null",
+                        "hydra/job_logging=stdout"]
     cmd = run_command(compose(["parallel=dp8", "parallel.nodes=2", "parallel.node_rank=1"]), REPO, [])
     assert {"--worker_num=8", "--local_worker_num=4", "--node_rank=1"} <= set(cmd)
     with pytest.raises(ConfigError, match="parallel.nodes=3"):
