@@ -76,6 +76,7 @@ def write_json(path: Path, data: dict) -> None:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run cfg.stages in order; returns the summary (also written to run_dir/summary.json)."""
     from .model import resolve_model_config
+    from .report import write_report
     from .tracking import Tracker, flatten, resolve_uri
 
     from .launch import SilentTracker, init_worker, is_worker, launch, local_workers, world_size
@@ -116,10 +117,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise
     except Exception as e:
         tracker.set_tags({"error": str(e)[:1000]})
+        summary["error"] = str(e)[:1000]
         raise
     finally:
         summary["status"] = status
         write_json(summary_path, summary)
+        write_report(run_dir, summary, tracker)   # CSV/PNG/report.md artifacts; never raises
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         for name, sub in (("acc", summary.get("per_subject_accuracy")),
                           ("acc_base", summary.get("per_subject_accuracy_base"))):
@@ -217,4 +220,6 @@ def main(cfg: DictConfig) -> float | None:
         log.exception("job %s failed (its MLflow run is FAILED); the sweep goes on", run_dir.name)
         return None
     log.info("summary: %s", run_dir / "summary.json")
+    if not multirun:   # nothing to optimize: no sweeper warnings on a single run
+        return None
     return objective_value(summary, cfg.sweep)

@@ -28,7 +28,7 @@ class DemoConfig:
     dev_per_subject: int = 5       # k-shot examples per subject, taken from training words
     num_practice: int = 400        # arithmetic practice questions in the base corpus
     num_reading: int = 0           # passage + question + answer texts in the base corpus (see demo.yaml)
-    squad_questions: int = 100     # SQuAD-format dev set (prepared squad.json; 0 = none)
+    squad_questions: int = 0       # SQuAD-format dev set (prepared squad.json; 0 = none)
     seed: int = 0                  # which words are of which kind, and which are held out
 
 

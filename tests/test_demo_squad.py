@@ -94,7 +94,7 @@ def test_prompts_fit_the_tiny_window(tok, tmp_path):
 
 
 def test_prepare_writes_the_reading_set(tmp_path, tok):
-    out = prepare(compose([f"output_root={tmp_path}", "dataset.demo.num_reading=20"]), tok)
+    out = prepare(compose([f"output_root={tmp_path}", "dataset.demo.num_reading=20", "dataset.demo.squad_questions=100"]), tok)
     assert dataset_squad(out) == out / "squad.json"
     assert load_meta(out)["squad_questions"] == 100
     records = metrics.load_squad(out / "squad.json")
