@@ -90,3 +90,18 @@ def test_bad_checkpoints_are_named(shared, tmp_path, ms_cpu):
                       4, seed=0)
     with pytest.raises(ModelError, match=r"has shape \(512, 64\).*needs \(512, 96\)"):
         load_base_weights(net, cfg)
+
+
+def test_pytorch_bin_weights_without_torch_say_what_to_do(shared, tmp_path):
+    """*.bin checkpoints need torch; this environment has none, and the message says so."""
+    import importlib.util
+
+    from finetune.hf import load_hf_state
+
+    if importlib.util.find_spec("torch") is not None:
+        pytest.skip("torch is installed here: the *.bin path loads instead of refusing")
+    src = shared / "models" / "stories260K-hf" / "config.json"
+    (tmp_path / "config.json").write_text(src.read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")   # any bytes: never unpickled
+    with pytest.raises(ModelError, match=r"PyTorch \*\.bin, which need torch .*convert them to safetensors"):
+        load_hf_state(tmp_path)
