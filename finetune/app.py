@@ -75,11 +75,10 @@ def write_json(path: Path, data: dict) -> None:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run cfg.stages in order; returns the summary (also written to run_dir/summary.json)."""
+    from .launch import SilentTracker, init_worker, is_worker, launch, local_workers, world_size
     from .model import resolve_model_config
     from .report import write_report
     from .tracking import Tracker, flatten, resolve_uri
-
-    from .launch import SilentTracker, init_worker, is_worker, launch, local_workers, world_size
 
     validate(cfg)
     resolve_model_config(cfg.model)   # an HF checkpoint's config.json defines the architecture
