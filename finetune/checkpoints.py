@@ -74,3 +74,12 @@ def newest_valid(ckpt_dir: Path) -> dict | None:
             return entry
         log.warning("checkpoint at step %d unusable: %s; trying the previous one", entry["step"], problem)
     return None
+
+
+def select_best(scores: list[dict]) -> dict | None:
+    """The checkpoint to keep: highest mc_accuracy among those not known to have lost SQuAD
+    ability (retained False); ties go to the earlier step (less training, same score)."""
+    eligible = [s for s in scores if s.get("retained") is not False]
+    if not eligible:
+        return None
+    return max(eligible, key=lambda s: (s["mc_accuracy"], -s["step"]))

@@ -162,6 +162,13 @@ def evaluate(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
         result["per_subject_accuracy"] = base["per_subject"]
         result["evaluated_adapter"] = None
 
+    if cfg.eval.checkpoints:
+        def score_mc(n):
+            return score(n, questions, token_lists, letter_ids, cfg, tok)
+
+        squad_fn = squad if squad_records and base_squad is not None else None
+        result.update(score_checkpoints(net, run_dir, tracker, score_mc, squad_fn, base_squad,
+                                        cfg.eval.retention_threshold))
     result["contest_score"] = contest_score(result["mc_accuracy"], result["trainable_ratio_pct"] / 100.0)
     result["squad_questions"] = len(squad_records)
     result["squad_set"] = str(squad_path) if squad_path else None
@@ -175,3 +182,30 @@ def evaluate(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
                 row["prediction_base"] = base["predictions"][i]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return result
+
+
+def score_checkpoints(net, run_dir: Path, tracker, score_mc, squad, base_squad, threshold: float) -> dict:
+    """mc_accuracy (and SQuAD retention when measured) of every checkpoint in run_dir/checkpoints;
+    the best by checkpoints.select_best. Each is logged to MLflow at its step."""
+    from .checkpoints import read_index, select_best
+
+    ckpt_dir = run_dir / "checkpoints"
+    entries = read_index(ckpt_dir)
+    if not entries:
+        raise ModelError(f"eval.checkpoints: no checkpoints in {ckpt_dir} (train with train.save.num_checkpoints > 0)")
+    scores = []
+    for entry in entries:
+        load_adapter(net, ckpt_dir / entry["adapter"])
+        row = {"step": entry["step"], "adapter": str(ckpt_dir / entry["adapter"]),
+               "mc_accuracy": score_mc(net)["accuracy"]}
+        if squad is not None:
+            row.update(retention(squad(net, f"_step{entry['step']:06d}"), base_squad, threshold))
+        tracker.log_metrics({"checkpoint_mc_accuracy": row["mc_accuracy"]}, step=entry["step"])
+        log.info("checkpoint step %d: accuracy %.4f", entry["step"], row["mc_accuracy"])
+        scores.append(row)
+    best = select_best(scores)
+    out = {"checkpoint_scores": scores, "best_checkpoint_step": best["step"] if best else None,
+           "best_checkpoint_mc_accuracy": best["mc_accuracy"] if best else None,
+           "best_checkpoint_adapter": best["adapter"] if best else None}
+    tracker.set_tags({"best_checkpoint": best["adapter"] if best else "none"})
+    return out

@@ -219,6 +219,9 @@ class EvalConfig:
     base: bool = True              # also evaluate the base model (mc_accuracy_base)
     adapter: Optional[str] = None  # adapter checkpoint; null = the run dir's adapter.ckpt
     squad: SquadConfig = field(default_factory=SquadConfig)
+    # Also evaluate every checkpoint the train stage saved (run_dir/checkpoints) and report the best
+    # by mc_accuracy among those that kept SQuAD ability (where measured).
+    checkpoints: bool = False
     # A fine-tuned model counts as having kept its general ability when its SQuAD F1 and EM
     # are both at least this share of the base model's (the contest rule: 90%).
     retention_threshold: float = 0.9

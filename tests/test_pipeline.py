@@ -79,11 +79,18 @@ def test_mlflow_run_recorded(pipeline):
 
 def test_evaluate_stage_alone_reuses_the_run_dir(pipeline):
     tmp, first = pipeline
-    proc = _run(QUICK + ["stages=[evaluate]", "eval.base=false"], tmp)
+    proc = _run(QUICK + ["stages=[evaluate]", "eval.base=false", "eval.checkpoints=true"], tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((tmp / "run" / "summary.json").read_text())
     assert s["mc_accuracy"] == pytest.approx(first["mc_accuracy"])   # same adapter, same questions
     assert s["mlflow_run_id"] != first["mlflow_run_id"]
+    # 4 steps, 5 checkpoints asked -> one per step; the last one is the final adapter
+    scores = s["checkpoint_scores"]
+    assert [c["step"] for c in scores] == [1, 2, 3, 4]
+    assert scores[-1]["mc_accuracy"] == pytest.approx(s["mc_accuracy"])
+    assert s["best_checkpoint_mc_accuracy"] == max(c["mc_accuracy"] for c in scores)
+    assert s["best_checkpoint_step"] == min(c["step"] for c in scores if c["mc_accuracy"] == max(
+        c["mc_accuracy"] for c in scores))
 
 
 def test_failure_is_one_line_and_marks_the_run_failed(pipeline):

@@ -90,3 +90,15 @@ def test_resume_without_checkpoints_is_one_line(tmp_path):
     proc = _run(tmp_path, "empty", ["train.resume=true", "model.pretrain.epochs=0"])
     assert proc.returncode == 2
     assert "finetune: error: train.resume: no usable checkpoint in" in proc.stderr
+
+
+def test_select_best_checkpoint_respects_retention():
+    from finetune.checkpoints import select_best
+
+    scores = [{"step": 10, "mc_accuracy": 0.5, "retained": True},
+              {"step": 20, "mc_accuracy": 0.9, "retained": False},   # best accuracy, lost SQuAD ability
+              {"step": 30, "mc_accuracy": 0.7, "retained": True},
+              {"step": 40, "mc_accuracy": 0.7, "retained": True}]
+    assert select_best(scores)["step"] == 30          # tie with 40 goes to the earlier step
+    assert select_best([dict(s, retained=None) for s in scores])["step"] == 20   # not measured: eligible
+    assert select_best([{"step": 1, "mc_accuracy": 1.0, "retained": False}]) is None
