@@ -142,6 +142,12 @@ def load_optimizer_state(state: list, path: Path) -> None:
         p.set_data(ms.Tensor(saved[name].asnumpy(), p.dtype))
 
 
+def total_steps(rows: int, rows_per_step: int, epochs: int, max_steps: int | None) -> int:
+    """Optimizer steps of a run: whole steps per epoch (this rank's rows) x epochs, capped by max_steps."""
+    total = rows // rows_per_step * epochs
+    return total if max_steps is None else min(total, max_steps)
+
+
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "loss_scale")
 
 
@@ -161,9 +167,7 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, *, batch_size: int, epoc
     if steps_per_epoch == 0:
         raise ModelError(f"train.batch_size={batch_size} x gradient_accumulation_steps={accumulation} is more "
                          f"than the {len(ids)} training examples (per device)")
-    total = steps_per_epoch * epochs
-    if max_steps is not None:
-        total = min(total, max_steps)
+    total = total_steps(len(ids), per_step, epochs, max_steps)
     params = [p for p in net.get_parameters() if p.requires_grad]
     opt, lr_schedule = make_optimizer(params, opt_cfg, total)
     micro_step, full_step, scaler = make_step(net, opt, hw.loss_scale, opt_cfg.max_grad_norm, accumulation, world)
@@ -342,9 +346,7 @@ def train(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
         tracker.set_tags({"resumed_from_step": entry["step"]})
 
     accumulation = cfg.parallel.gradient_accumulation_steps
-    total = len(ids) // (cfg.train.batch_size * accumulation) * cfg.train.epochs
-    if cfg.train.max_steps is not None:
-        total = min(total, cfg.train.max_steps)
+    total = total_steps(len(ids), cfg.train.batch_size * accumulation, cfg.train.epochs, cfg.train.max_steps)
     save_at = save_steps(total, cfg.train.save.num_checkpoints)
 
     def on_save(step: int, state: list) -> None:
