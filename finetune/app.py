@@ -59,7 +59,8 @@ def validate(cfg) -> None:
 def check_input_files(cfg) -> None:
     """Input files named in the config must exist before any long work (training) starts.
     Called inside the tracked run, so a missing file is recorded as a FAILED run."""
-    files = {"eval.squad.path": cfg.eval.squad.path if "evaluate" in cfg.stages else None,
+    files = {"dataset.general.path": cfg.dataset.general.path if "prepare" in cfg.stages else None,
+             "eval.squad.path": cfg.eval.squad.path if "evaluate" in cfg.stages else None,
              "eval.adapter": cfg.eval.adapter if {"evaluate", "merge", "predict", "export"} & set(cfg.stages) else None,
              "predict.input": cfg.predict.input if "predict" in cfg.stages else None}
     for key, path in files.items():

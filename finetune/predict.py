@@ -38,21 +38,8 @@ def read_predict_input(path: str | Path, style: str) -> list[dict]:
         raise DataError(f"predict.input: {path} not found")
     if path.suffix.lower() == ".csv":
         return _read_csv(path, style)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a JSON file ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of Alpaca records, got {type(data).__name__}")
-    out = []
-    for i, rec in enumerate(data):
-        if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str):
-            raise DataError(f"{path}: record [{i}]: expected an object with a string 'instruction'")
-        if not isinstance(rec.get("input", ""), str):
-            raise DataError(f"{path}: record [{i}]: 'input' must be a string")
-        prompt = prompts.from_alpaca_prompt(rec) if rec.get("input") else rec["instruction"]
-        out.append({"id": str(rec.get("id", i)), "prompt": prompt})
-    return out
+    return [{"id": str(rec.get("id", i)), "prompt": prompts.alpaca_prompt(rec)}
+            for i, rec in enumerate(prompts.read_alpaca_json(path, "predict.input", require_output=False))]
 
 
 def _read_csv(path: Path, style: str) -> list[dict]:

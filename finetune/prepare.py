@@ -30,30 +30,49 @@ log = logging.getLogger("finetune.prepare")
 SQUAD_FILE = "squad.json"   # the dataset's own SQuAD v1.1-layout reading set, when it has one
 
 # Bump when the prepared layout or prompt/tokenization logic changes, to invalidate caches.
-FORMAT_VERSION = 2   # 2: the demo's SQuAD-format reading set (squad.json)
+FORMAT_VERSION = 3   # 2: the demo's SQuAD-format reading set (squad.json); 3: general records mixed in
 READERS = {"mmlu": read_mmlu, "cmmlu": read_cmmlu}
 
 
-def read_questions(ds) -> tuple[dict[str, list[Question]], list[str], dict | None]:
-    """(split -> questions, base-training corpus, SQuAD-format reading set or None).
-    Only the demo has a corpus and a reading set of its own."""
+def read_questions(ds) -> tuple[dict[str, list[Question]], list[str], dict | None, list[dict]]:
+    """(split -> questions, base-training corpus, SQuAD-format reading set or None, general-ability
+    Alpaca records to mix into training). Only the demo has a corpus and a reading set of its own;
+    dataset.general.path gives any dataset general records (the demo can generate its own)."""
     if ds.name == "demo":
         if ds.demo is None:
             raise DataError("dataset.demo: the demo dataset needs its settings (num_words, ...)")
         d = ds.demo
-        for key in ("num_practice", "num_reading", "squad_questions"):
+        for key in ("num_practice", "num_reading", "squad_questions", "general_reading"):
             if d[key] < 0:
                 raise DataError(f"dataset.demo.{key}: expected >= 0, got {d[key]}")
         world = demo.build_world(d.num_words, d.seed)
         docs = demo.corpus(world, d.seed, d.num_practice, d.num_reading)
         squad = demo.squad_dev(world, d.squad_questions, d.seed, avoid=demo.corpus_passages(docs)) \
             if d.squad_questions else None
-        return demo.questions(world, d.seed, d.test_fraction, d.dev_per_subject), docs, squad
+        dev_passages = {p["context"] for a in squad["data"] for p in a["paragraphs"]} if squad else set()
+        general = demo.reading_alpaca(world, d.general_reading, d.seed, avoid=dev_passages) \
+            if d.general_reading and not ds.general.path else []
+        return demo.questions(world, d.seed, d.test_fraction, d.dev_per_subject), docs, squad, general
     if ds.name not in READERS:
         raise DataError(f"dataset.name: expected one of demo, {', '.join(READERS)}; got {ds.name!r}")
     if not ds.path:
         raise DataError(f"dataset.path: required for dataset={ds.name} (folder with dev/ and test/)")
-    return READERS[ds.name](ds.path), [], None
+    return READERS[ds.name](ds.path), [], None, []
+
+
+def general_records(ds, generated: list[dict], seed: int) -> list[dict]:
+    """The general-ability records mixed into training: dataset.general.path's (or the demo's
+    generated ones), at most dataset.general.limit of them (a seeded sample, kept in file order)."""
+    records = prompts.read_alpaca_json(ds.general.path, "dataset.general.path", require_output=True) \
+        if ds.general.path else generated
+    limit = ds.general.limit
+    if limit is not None:
+        if limit < 0:
+            raise DataError(f"dataset.general.limit: expected >= 0 or null, got {limit}")
+        if len(records) > limit:
+            keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+            records = [records[i] for i in keep]
+    return records
 
 
 def _holdout(q: Question, fraction: float) -> bool:
@@ -91,13 +110,16 @@ def select_splits(ds, splits: dict[str, list[Question]], seed: int) -> dict[str,
 
 
 def _input_fingerprint(ds) -> str:
-    """sha256 over the bytes of every input file (the demo is generated: its config is enough)."""
+    """sha256 over the bytes of every input file, dataset.general.path's included (the demo is
+    generated: its config is enough)."""
     h = hashlib.sha256()
     if ds.name in READERS and ds.path:
         root = Path(ds.path)
         for f in sorted(root.rglob("*.csv")):
             h.update(str(f.relative_to(root)).encode())
             h.update(f.read_bytes())
+    if ds.general.path and Path(ds.general.path).is_file():
+        h.update(b"general:" + Path(ds.general.path).read_bytes())
     return h.hexdigest()
 
 
@@ -122,8 +144,9 @@ def prepare(cfg, tok) -> Path:
         log.info("prepared data: reusing %s", out)
         return out
     ds = cfg.dataset
-    splits, corpus, squad = read_questions(ds)
+    splits, corpus, squad, generated = read_questions(ds)
     chosen = select_splits(ds, splits, cfg.seed)
+    general = general_records(ds, generated, cfg.seed)
 
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -147,6 +170,16 @@ def prepare(cfg, tok) -> Path:
         if too_long:
             log.warning("prepare: %d of %d training questions exceed model.seq_length=%d tokens and are left out",
                         too_long, len(chosen["train"]), cfg.model.seq_length)
+        general_long = 0
+        if general:   # mixed into the same shuffled MindRecord: every batch rehearses a little of it
+            prompts.write_alpaca_json(general, tmp / "alpaca" / "general.json")
+            for rec in general:
+                ex = encode_example(prompts.alpaca_prompt(rec), rec["output"], tok, cfg.model.seq_length)
+                general_long += ex is None
+                examples += [ex] if ex is not None else []
+            if general_long:
+                log.warning("prepare: %d of %d general records exceed model.seq_length=%d tokens and are left out",
+                            general_long, len(general), cfg.model.seq_length)
         (tmp / "mindrecord").mkdir()
         write_shards(examples, tmp / "mindrecord" / "train.mindrecord", cfg.parallel.data_parallel)
         if corpus:
@@ -160,6 +193,7 @@ def prepare(cfg, tok) -> Path:
             "train_questions": len(chosen["train"]),
             "train_examples": len(examples),
             "train_too_long": too_long,
+            "general_examples": len(general) - general_long,
             "eval_questions": len(chosen["eval"]),
             "dev_questions": len(chosen["dev"]),
             "subjects": sorted({q.subject for q in chosen["eval"]}),

@@ -29,7 +29,16 @@ class DemoConfig:
     num_practice: int = 400        # arithmetic practice questions in the base corpus
     num_reading: int = 0           # passage + question + answer texts in the base corpus (see demo.yaml)
     squad_questions: int = 0       # SQuAD-format dev set (prepared squad.json; 0 = none)
+    general_reading: int = 0       # reading examples (Alpaca) mixed into LoRA training when general.path is null
     seed: int = 0                  # which words are of which kind, and which are held out
+
+
+@dataclass
+class GeneralConfig:
+    """General-ability examples mixed into the training split, so LoRA keeps what the base could
+    do (rehearsal against forgetting; the SQuAD retention check measures it)."""
+    path: Optional[str] = None     # Alpaca JSON list: instruction, input, output (output appended verbatim)
+    limit: Optional[int] = None    # use at most this many (a sample drawn with `seed`)
 
 
 @dataclass
@@ -45,6 +54,7 @@ class DatasetConfig:
     holdout_fraction: float = 0.2
     subjects: Optional[list[str]] = None   # keep only these subjects (null = all)
     max_train_questions: Optional[int] = None  # cap after the split, for quick runs
+    general: GeneralConfig = field(default_factory=GeneralConfig)
     demo: Optional[DemoConfig] = None
 
 

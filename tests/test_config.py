@@ -249,6 +249,7 @@ def test_float16_without_loss_scale_is_refused():
     (["predict.format=csv"], "predict.format"),
     (["eval.squad.path=/nonexistent/dev.json"], "eval.squad.path: /nonexistent/dev.json not found"),
     (["stages=[predict]", "predict.input=/nonexistent/q.json"], "predict.input: /nonexistent/q.json not found"),
+    (["dataset.general.path=/nonexistent/g.json"], "dataset.general.path: /nonexistent/g.json not found"),
 ])
 def test_config_and_input_files_checked_before_long_work(overrides, needle):
     from finetune.app import ConfigError, check_input_files, validate

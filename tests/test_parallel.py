@@ -17,7 +17,8 @@ FINETUNE = [str(Path(sys.executable).with_name("finetune"))]
 # A small demo (96 training questions -> 6 global batches of 16 per epoch), a quickly pretrained
 # base, dropout off; 20 optimizer steps cross three epoch boundaries (new batch order each epoch).
 QUICK = ["model.pretrain.epochs=1", "dataset.demo.num_words=40", "train.epochs=4", "train.max_steps=20",
-         "lora.dropout=0", "stages=[prepare,train]", "train.save.num_checkpoints=2"]
+         "lora.dropout=0", "stages=[prepare,train]", "train.save.num_checkpoints=2",
+         "dataset.demo.num_reading=0", "dataset.demo.general_reading=0"]
 
 
 def _cmd(root: Path, run: str, args) -> list[str]:

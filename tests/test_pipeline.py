@@ -10,7 +10,8 @@ from conftest import REPO
 
 FINETUNE = [str(Path(sys.executable).with_name("finetune"))]
 QUICK = ["model.pretrain.epochs=1", "dataset.demo.num_words=40", "train.max_steps=4", "eval.limit=12",
-         "dataset.demo.squad_questions=10", "eval.squad.max_new_tokens=4"]
+         "dataset.demo.squad_questions=10", "eval.squad.max_new_tokens=4", "dataset.demo.num_reading=0",
+         "dataset.demo.general_reading=12"]
 SQUAD_KEYS = ("squad_f1", "squad_em", "squad_f1_base", "squad_em_base", "squad_retention_f1", "squad_retention_em",
               "retained", "contest_score")
 

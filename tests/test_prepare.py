@@ -1,5 +1,6 @@
 """Stage prepare: questions -> Alpaca JSON -> MindRecord shards, cached by content hash."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -27,15 +28,19 @@ def test_demo_prepare_writes_alpaca_mindrecord_and_is_cached(tmp_path, tok):
     assert alpaca[0]["output"] in {" A", " B", " C", " D"}
 
     ids, labels = read_shards(out / "mindrecord" / "train.mindrecord")
-    assert ids.shape == labels.shape == (360, cfg.model.seq_length + 1)
-    # Loss only on the answer: exactly two labelled tokens per row (the letter and EOS), and
-    # they equal the input tokens at the same positions.
+    # 360 questions + the demo's 120 reading examples (dataset.demo.general_reading), one shuffled file
+    assert meta["general_examples"] == 120 and len(json.loads((out / "alpaca" / "general.json").read_text())) == 120
+    assert ids.shape == labels.shape == (480, cfg.model.seq_length + 1)
+    # Loss only on the answer: exactly two labelled tokens per row (the letter or kind, and EOS),
+    # and they equal the input tokens at the same positions.
     labelled = labels != IGNORE_ID
     assert (labelled.sum(axis=1) == 2).all()
     assert (labels[labelled] == ids[labelled]).all()
-    letters = {tok.encode(f" {c}")[0] for c in "ABCD"}
+    letters = [tok.encode(f" {c}")[0] for c in "ABCD"]
+    kinds = [tok.encode(f" {k}")[0] for k in ("fruit", "animal", "tool", "colour")]
     first = labels[np.arange(len(labels)), labelled.argmax(axis=1)]
-    assert set(first.tolist()) == letters
+    assert np.isin(first, letters).sum() == 360 and np.isin(first, kinds).sum() == 120
+    assert set(first[:40].tolist()) & set(letters) and set(first[:40].tolist()) & set(kinds)   # mixed, not appended
     assert ids[0, 0] == tok.bos_id
 
     # Same config -> same folder, not rebuilt.
@@ -67,4 +72,54 @@ def test_errors_are_specific(tmp_path, tok, shared):
         prepare(compose([f"output_root={tmp_path}", "dataset=mmlu", f"dataset.path={shared / 'data' / 'mmlu'}",
                          "dataset.train_split=val"]), tok)
     # nothing half-written is left behind
+    assert not list(tmp_path.glob("cache/data/*"))
+
+
+# ------------------------------------------------------------------- general records (rehearsal)
+
+def test_general_records_are_mixed_into_training(tmp_path, tok):
+    """dataset.general.path: Alpaca records appended to the training MindRecord, loss on their output."""
+    general = [{"instruction": f"Passage {i}.", "input": "Question: What is it?\nAnswer:", "output": " fruit"}
+               for i in range(30)]
+    path = tmp_path / "general.json"
+    path.write_text(json.dumps(general))
+    base = [f"output_root={tmp_path}", "dataset.demo.general_reading=0"]
+    out = prepare(compose(base + [f"dataset.general.path={path}", "dataset.general.limit=20"]), tok)
+    meta = load_meta(out)
+    assert meta["train_questions"] == 360 and meta["general_examples"] == 20 and meta["train_examples"] == 380
+    kept = json.loads((out / "alpaca" / "general.json").read_text())
+    assert len(kept) == 20 and kept == [r for r in general if r in kept]         # a sample, in file order
+    ids, labels = read_shards(out / "mindrecord" / "train.mindrecord")
+    assert len(ids) == 380
+    fruit = tok.encode(" fruit")[0]
+    answers = labels[np.arange(len(labels)), (labels != IGNORE_ID).argmax(axis=1)]
+    assert (answers == fruit).sum() == 20                                       # the general rows' targets
+    # the file's bytes are part of the cache key: an edited file is prepared again
+    path.write_text(json.dumps(general[:25]))
+    assert cache_dir(compose(base + [f"dataset.general.path={path}", "dataset.general.limit=20"]), tok) != out
+
+
+def test_demo_generates_its_own_general_reading(tmp_path, tok):
+    cfg = compose([f"output_root={tmp_path}", "dataset.demo.general_reading=40", "dataset.demo.squad_questions=60"])
+    out = prepare(cfg, tok)
+    assert load_meta(out)["general_examples"] == 40
+    general = json.loads((out / "alpaca" / "general.json").read_text())
+    squad = json.loads((out / "squad.json").read_text())
+    dev = {p["context"] for p in squad["data"][0]["paragraphs"]}
+    assert len({r["instruction"] for r in general}) == 40 and not {r["instruction"] for r in general} & dev
+    assert all(r["output"].strip() in ("fruit", "animal", "tool", "colour") for r in general)
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ('{"instruction": "x"}', "expected a JSON list of Alpaca records, got dict"),
+    ('[{"instruction": "x", "output": " A"}, {"instruction": "y"}]',
+     "record [1]: expected an object with string 'instruction' and 'output'"),
+    ('[{"instruction": "x", "input": 3, "output": " A"}]', "record [0]: 'input' must be a string"),
+    ('[{"instruction": ', "not a JSON file"),
+])
+def test_malformed_general_file_is_one_line(tmp_path, tok, content, needle):
+    path = tmp_path / "general.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=re.escape(f"dataset.general.path: {path}: ") + ".*" + re.escape(needle)):
+        prepare(compose([f"output_root={tmp_path}", f"dataset.general.path={path}"]), tok)
     assert not list(tmp_path.glob("cache/data/*"))

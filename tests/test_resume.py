@@ -14,7 +14,8 @@ from finetune.checkpoints import add_to_index, newest_valid, read_index, save_st
 FINETUNE = [str(Path(sys.executable).with_name("finetune"))]
 # 96 training questions / batch 16 = 6 steps per epoch; 5 epochs = 30 steps, checkpoints at 6..30.
 QUICK = ["model.pretrain.epochs=1", "dataset.demo.num_words=40", "train.epochs=5", "lora.dropout=0",
-         "stages=[prepare,train]", "train.save.num_checkpoints=5"]
+         "stages=[prepare,train]", "train.save.num_checkpoints=5", "dataset.demo.num_reading=0",
+         "dataset.demo.general_reading=0"]
 
 
 def test_save_steps_are_evenly_spaced_and_end_at_the_last_step():

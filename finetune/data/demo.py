@@ -37,19 +37,14 @@ CONTEXTS: dict[str, tuple[str, ...]] = {
                "he mixed the paint until it was {w}.", "the flag was bright {w}."),
 }
 
-# A reading-comprehension question about each context sentence (same order as CONTEXTS); the
-# answer is the sentence's made-up word, so it is a span of the passage (SQuAD-style).
-QA_QUESTIONS: dict[str, tuple[str, ...]] = {
-    "fruit": ("What did she eat?", "What tasted sweet?", "What did he peel?", "What fell from the tree?",
-              "What did they make jam from?"),
-    "animal": ("What ran across the field?", "What barked at night?", "What slept in its den?",
-               "What did we feed?", "What chased its tail?"),
-    "tool": ("What did he fix the chair with?", "What did she cut the rope with?", "What hung in the shed?",
-             "What should you use to tighten the bolt?", "What did the builder drop?"),
-    "colour": ("What colour was the wall painted?", "What colour was her dress?", "What colour did the sky turn?",
-               "What colour was the paint?", "What colour was the flag?"),
-}
-# Sentences per passage: of different kinds, so each question has exactly one answer in it.
+# The reading set asks what kind of thing a passage's made-up word is: the answer (a kind word)
+# is a span of the passage's first sentence, which names its kinds in an order unrelated to the
+# sentences', so finding it needs what the word is, which the base learned from the corpus text.
+# (Questions whose answer is the made-up word itself need copying a token out of the passage, an
+# induction-head skill this ~1M-parameter model did not form in 10 epochs: base F1 1-2.)
+QA_QUESTION = "What is the {w}?"
+PASSAGE_LEAD = "{kinds}."   # e.g. "a fruit, an animal and a colour." (short: prompts must fit 48 tokens)
+# Sentences per passage after the lead: of different kinds, so each question has one answer.
 PASSAGE_SENTENCES = 3
 
 # subject -> (question template, option texts indexed like KINDS order given by `order`)
@@ -115,34 +110,40 @@ def practice_questions(n: int, seed: int) -> list[str]:
     return out
 
 
-def _passage(world: dict[str, str], rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
-    """A short passage of PASSAGE_SENTENCES sentences about words of different kinds, and its
-    (question, answer word) pairs in sentence order."""
+def _article(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+def _passage(world: dict[str, str], rng: random.Random) -> tuple[str, list[tuple[str, str, int]]]:
+    """A short passage: a lead naming PASSAGE_SENTENCES kinds (in random order), then one sentence
+    per kind about a word of that kind (in another random order). Returns the passage and its
+    (question, answer kind, answer offset in the passage) triples in sentence order."""
     by_kind: dict[str, list[str]] = {}
     for word, kind in sorted(world.items()):
         by_kind.setdefault(kind, []).append(word)
-    sentences, qas = [], []
-    for kind in rng.sample(KINDS, PASSAGE_SENTENCES):
+    kinds = rng.sample(KINDS, PASSAGE_SENTENCES)
+    listed = rng.sample(kinds, len(kinds))
+    lead = PASSAGE_LEAD.format(kinds=", ".join(map(_article, listed[:-1])) + " and " + _article(listed[-1]))
+    sentences, qas = [lead], []
+    for kind in kinds:
         word = rng.choice(by_kind[kind])
-        c = rng.randrange(len(CONTEXTS[kind]))
-        sentences.append(CONTEXTS[kind][c].format(w=word))
-        qas.append((QA_QUESTIONS[kind][c], word))
+        sentences.append(rng.choice(CONTEXTS[kind]).format(w=word))
+        qas.append((QA_QUESTION.format(w=word), kind, re.search(rf"\b{kind}\b", lead).start()))
     return " ".join(sentences), qas
 
 
 def reading_texts(world: dict[str, str], n: int, seed: int) -> list[str]:
     """n passages, each followed by all its questions with answers (in random order), for the base
     corpus. The first question is in exactly the prompt format finetune.squad uses (its answer
-    ends the line, as answer_text expects); every answer is a word of the passage, so the base
-    learns to answer by finding and copying it (three answers per passage: more of that signal
-    per token of corpus)."""
+    ends the line, as answer_text expects), so the base learns the reading format; three answers
+    per passage give more of that signal per token of corpus."""
     rng = random.Random(seed + 5)
     out = []
     for _ in range(n):
         passage, qas = _passage(world, rng)
         rng.shuffle(qas)
-        (q, a), rest = qas[0], qas[1:]
-        out.append(f"{squad_prompt(passage, q)} {a}" + "".join(f"\nQuestion: {q}\nAnswer: {a}" for q, a in rest))
+        (q, a, _), rest = qas[0], qas[1:]
+        out.append(f"{squad_prompt(passage, q)} {a}" + "".join(f"\nQuestion: {q}\nAnswer: {a}" for q, a, _ in rest))
     return out
 
 
@@ -157,13 +158,30 @@ def squad_dev(world: dict[str, str], n: int, seed: int, avoid: set[str]) -> dict
             continue
         seen.add(passage)
         items = []
-        for question, answer in rng.sample(qas, min(2, n - count)):
-            start = re.search(rf"\b{answer}\b", passage).start()   # words are letters only
+        for question, answer, start in rng.sample(qas, min(2, n - count)):
             items.append({"id": f"demo-squad-{count}", "question": question,
                           "answers": [{"text": answer, "answer_start": start}]})
             count += 1
         paragraphs.append({"context": passage, "qas": items})
     return {"version": "1.1", "data": [{"title": "demo", "paragraphs": paragraphs}]}
+
+
+def reading_alpaca(world: dict[str, str], n: int, seed: int, avoid: set[str]) -> list[dict]:
+    """n reading examples as Alpaca records (instruction = passage, input = question + cue, output
+    = " kind"), one per passage, for mixing into LoRA training (dataset.demo.general_reading).
+    Passages in `avoid` (the SQuAD-format dev set's) are skipped, so the dev set stays unseen."""
+    rng = random.Random(seed + 7)
+    out, seen = [], set(avoid)
+    while len(out) < n:
+        passage, qas = _passage(world, rng)
+        if passage in seen:
+            continue
+        seen.add(passage)
+        question, kind, _ = rng.choice(qas)
+        prompt = squad_prompt(passage, question)
+        instruction, rest = prompt.split("\n\n", 1)   # from_alpaca_prompt joins them back with "\n\n"
+        out.append({"instruction": instruction, "input": rest, "output": f" {kind}", "id": f"demo-reading-{len(out)}"})
+    return out
 
 
 def corpus_passages(docs: list[str]) -> set[str]:

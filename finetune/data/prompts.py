@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .records import LETTERS, Question
+from .records import LETTERS, DataError, Question
 
 STYLES = ("mmlu", "cmmlu")
 
@@ -64,6 +64,33 @@ def to_alpaca(q: Question, style: str, shots: Sequence[Question] = ()) -> dict:
 
 def from_alpaca_prompt(rec: dict) -> str:
     return rec["instruction"] + "\n\n" + rec["input"]
+
+
+def read_alpaca_json(path: str | Path, key: str, require_output: bool) -> list[dict]:
+    """Alpaca records [{instruction, input?, output?, id?}] from a JSON list, checked one by one;
+    errors name `key` (the config key that gave the path), the file and the record index."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{key}: {path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{key}: {path}: not a JSON file ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{key}: {path}: expected a JSON list of Alpaca records, got {type(data).__name__}")
+    fields = ("instruction", "output") if require_output else ("instruction",)
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(f), str) for f in fields):
+            raise DataError(f"{key}: {path}: record [{i}]: expected an object with string "
+                            + " and ".join(repr(f) for f in fields))
+        if not isinstance(rec.get("input", ""), str):
+            raise DataError(f"{key}: {path}: record [{i}]: 'input' must be a string")
+    return data
+
+
+def alpaca_prompt(rec: dict) -> str:
+    """The prompt of an Alpaca record: instruction, then its input when it has one."""
+    return from_alpaca_prompt(rec) if rec.get("input") else rec["instruction"]
 
 
 def write_alpaca_json(records: list[dict], path: str | Path) -> None:
