@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -105,6 +107,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     summary.update({"status": "RUNNING", "stages": list(cfg.stages), "mlflow_run_id": tracker.run_id,
                     "mlflow_uri": uri, "run_dir": str(run_dir)})
     status = "FAILED"
+    # SIGTERM (a scheduler's or `kill`'s stop) ends the run like Ctrl-C: status KILLED in summary.json
+    # and MLflow, instead of a run left RUNNING forever by a process that died without cleanup.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
         check_input_files(cfg)
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -133,7 +139,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.log_artifact(run_dir / ".hydra", "hydra")
         tracker.log_artifact(run_dir / "eval_predictions.jsonl")
         tracker.end(status)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return summary
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, turned into the same clean stop as Ctrl-C."""
+
+
+def _raise_interrupt(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def run_stages(cfg, run_dir: Path, tracker, rank: int = 0) -> dict:
@@ -209,6 +225,10 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:
             return None
         sys.exit(2)
+    except KeyboardInterrupt as e:   # Ctrl-C or SIGTERM: the run is marked KILLED, no traceback
+        name = str(e) if isinstance(e, Interrupted) else "SIGINT"
+        print(f"finetune: interrupted by {name}; run {run_dir} marked KILLED", file=sys.stderr)
+        sys.exit(128 + getattr(signal, name))
     except LaunchError as e:  # a worker died: msrun stopped the others; show that worker's error
         print(f"finetune: error: {e}", file=sys.stderr)
         if multirun:

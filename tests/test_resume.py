@@ -103,3 +103,26 @@ def test_select_best_checkpoint_respects_retention():
     assert select_best(scores)["step"] == 30          # tie with 40 goes to the earlier step
     assert select_best([dict(s, retained=None) for s in scores])["step"] == 20   # not measured: eligible
     assert select_best([{"step": 1, "mc_accuracy": 1.0, "retained": False}]) is None
+
+
+def test_sigterm_marks_the_run_killed(tmp_path):
+    """A scheduler's SIGTERM: one line, exit 143, status KILLED in summary.json and in MLflow."""
+    import mlflow
+
+    run = tmp_path / "term"
+    proc = subprocess.Popen(FINETUNE + [f"output_root={tmp_path}", f"hydra.run.dir={run}", *QUICK,
+                                        "model.pretrain.epochs=0"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = run / "train_log.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert f"finetune: interrupted by SIGTERM; run {run} marked KILLED\n" in err, err[-2000:]
+    assert "Traceback" not in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "KILLED"
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "KILLED"
