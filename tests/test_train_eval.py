@@ -119,3 +119,47 @@ def test_k_shot_prompts_use_same_subject_dev_examples(setup):
     # too long for the window: shots are dropped before the question is cut
     (cut,), stats = build_eval_prompts([q], dev, "mmlu", 2, tok, len(zero))
     assert cut == zero and stats["eval_fewer_shots"] == 1
+
+
+_DROPOUT_SCRIPT = """
+import finetune, mindspore as ms, numpy as np
+from finetune.lora import seeded_dropout_cell
+ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+d = seeded_dropout_cell(0.25, 0, 1)
+d.set_train(True)
+x = ms.Tensor(np.ones((8, 64, 32), np.float32))
+outs = [d(x).asnumpy() for _ in range(8)]   # graph mode: the cell is compiled
+d.set_train(False)
+print(repr([float((o == 0).mean()) for o in outs]), float(np.unique(outs[0]).max()), float(d(x).asnumpy().min()))
+"""
+
+
+def test_lora_dropout_masks_are_the_same_in_every_process(tmp_path):
+    """MindSpore's CPU Dropout differs between processes from its 6th call on (same seed); the
+    seeded replacement must not: 8 calls, two processes, identical masks; rate and scale right."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "dropout.py"          # MindSpore compiles graphs from source files, not from -c
+    script.write_text(_DROPOUT_SCRIPT)
+    runs = [subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    (a, b) = (r.stdout.strip().splitlines()[-1] for r in runs)
+    assert a == b
+    rates, kept, eval_min = eval(a.split("] ")[0] + "]"), *map(float, a.split("] ")[1].split())
+    assert len(set(rates)) > 1 and all(0.23 < r < 0.27 for r in rates)   # a fresh mask each call, p = 0.25
+    assert kept == pytest.approx(1 / 0.75) and eval_min == 1.0            # inverted dropout; identity in eval
+
+
+def test_apply_lora_seeds_every_lora_dropout():
+    from mindspore import nn
+
+    cfg = compose(["lora.dropout=0.1"])
+    tok = load_tokenizer("tiktoken", None)
+    net = apply_lora(build_model(cfg.model, cfg.hardware, tok, 4, seed=0), cfg.lora)
+    dropouts = [c.lora_dropout for _, c in net.cells_and_names() if hasattr(c, "lora_dropout")]
+    assert len(dropouts) == 16                                   # 4 layers x wq, wk, wv, wo
+    assert not any(isinstance(d, nn.Dropout) for d in dropouts)
+    assert len({(d.uniform.seed, d.uniform.seed2) for d in dropouts}) == 16   # a different stream per layer
