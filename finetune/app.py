@@ -178,8 +178,10 @@ def run_stages(cfg, run_dir: Path, tracker, rank: int = 0) -> dict:
     prepared = prepare(cfg, tok)
     meta = load_meta(prepared)
     out.update({"prepared_data": str(prepared), "dataset_rows": meta["dataset_rows"],
-                "train_questions": meta["train_questions"], "train_too_long": meta["train_too_long"]})
-    tracker.log_metrics({"train_questions": meta["train_questions"], "eval_questions_total": meta["eval_questions"]})
+                "train_questions": meta["train_questions"], "train_too_long": meta["train_too_long"],
+                "general_examples": meta.get("general_examples", 0)})
+    tracker.log_metrics({"train_questions": meta["train_questions"], "eval_questions_total": meta["eval_questions"],
+                         "general_examples": meta.get("general_examples", 0)})
     if "train" in cfg.stages:
         out.update(train(cfg, run_dir, tok, prepared, tracker))
         tracker.flush()

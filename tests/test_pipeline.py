@@ -41,6 +41,7 @@ def test_summary_has_every_figure(pipeline):
     assert s["trainable_ratio_pct"] == pytest.approx(100 * 28672 / s["total_params"])
     assert s["trainable_ratio_pct_with_adapter"] == pytest.approx(100 * 28672 / (s["total_params"] + 28672))
     assert s["train_steps"] == 4 and s["eval_questions"] == 12
+    assert s["train_questions"] == 96 and s["general_examples"] == 12        # dataset.demo.general_reading
     assert set(s["per_subject_accuracy"]) <= {"kind", "use", "place"}
     assert (tmp / "run" / "adapter.ckpt").is_file()
     assert len((tmp / "run" / "eval_predictions.jsonl").read_text().splitlines()) == 12
