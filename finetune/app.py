@@ -177,11 +177,12 @@ def run_stages(cfg, run_dir: Path, tracker, rank: int = 0) -> dict:
     # (prepare is cheap and deterministic, so it is (re)built rather than refused).
     prepared = prepare(cfg, tok)
     meta = load_meta(prepared)
+    general = meta["general_examples"]   # rehearsal records mixed into training
     out.update({"prepared_data": str(prepared), "dataset_rows": meta["dataset_rows"],
                 "train_questions": meta["train_questions"], "train_too_long": meta["train_too_long"],
-                "general_examples": meta.get("general_examples", 0)})
+                "general_examples": general})
     tracker.log_metrics({"train_questions": meta["train_questions"], "eval_questions_total": meta["eval_questions"],
-                         "general_examples": meta.get("general_examples", 0)})
+                         "general_examples": general})
     if "train" in cfg.stages:
         out.update(train(cfg, run_dir, tok, prepared, tracker))
         tracker.flush()

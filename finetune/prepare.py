@@ -109,6 +109,13 @@ def select_splits(ds, splits: dict[str, list[Question]], seed: int) -> dict[str,
     return {"train": train, "eval": evalq, "dev": splits[ds.dev_split]}
 
 
+def _encode(pairs: list[tuple[str, str]], tok, seq_length: int) -> tuple[list, int]:
+    """(prompt, target) pairs -> the encoded examples that fit seq_length, and how many did not."""
+    encoded = [encode_example(prompt, target, tok, seq_length) for prompt, target in pairs]
+    kept = [e for e in encoded if e is not None]
+    return kept, len(encoded) - len(kept)
+
+
 def _input_fingerprint(ds) -> str:
     """sha256 over the bytes of every input file, dataset.general.path's included (the demo is
     generated: its config is enough)."""
@@ -157,13 +164,8 @@ def prepare(cfg, tok) -> Path:
             (tmp / "questions" / f"{name}.json").write_text(
                 json.dumps([dataclasses.asdict(q) for q in qs], ensure_ascii=False, indent=0), encoding="utf-8")
 
-        examples, too_long = [], 0
-        for q in chosen["train"]:
-            ex = encode_example(prompts.build_prompt(q, ds.style), prompts.target(q, ds.style), tok, cfg.model.seq_length)
-            if ex is None:
-                too_long += 1
-            else:
-                examples.append(ex)
+        examples, too_long = _encode([(prompts.build_prompt(q, ds.style), prompts.target(q, ds.style))
+                                      for q in chosen["train"]], tok, cfg.model.seq_length)
         if not examples:
             raise DataError(f"model.seq_length={cfg.model.seq_length}: every one of {len(chosen['train'])} training "
                             f"questions is longer; raise it")
@@ -173,10 +175,9 @@ def prepare(cfg, tok) -> Path:
         general_long = 0
         if general:   # mixed into the same shuffled MindRecord: every batch rehearses a little of it
             prompts.write_alpaca_json(general, tmp / "alpaca" / "general.json")
-            for rec in general:
-                ex = encode_example(prompts.alpaca_prompt(rec), rec["output"], tok, cfg.model.seq_length)
-                general_long += ex is None
-                examples += [ex] if ex is not None else []
+            general_examples, general_long = _encode([(prompts.alpaca_prompt(r), r["output"]) for r in general],
+                                                     tok, cfg.model.seq_length)
+            examples += general_examples
             if general_long:
                 log.warning("prepare: %d of %d general records exceed model.seq_length=%d tokens and are left out",
                             general_long, len(general), cfg.model.seq_length)
