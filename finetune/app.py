@@ -1,10 +1,16 @@
-"""The `finetune` entrypoint: compose + validate the config, then run the selected stages inside
-one MLflow run. Each stage reads files and writes files in the run directory."""
+"""The `finetune` entrypoint: compose + check the config, build the run's artifacts (prepared data,
+base weights), then run the selected stages inside one MLflow run. Each stage reads files and
+writes files in the run directory; they share nothing but the RunContext.
+
+  finetune/checks.py    every config check, before any work
+  finetune/prepare.py   prepared data  (cached by content hash)
+  finetune/base.py      base weights   (a .ckpt, a converted HF folder, or the demo's pretrained base)
+  STAGES below          plan, prepare, train, evaluate, merge, predict, export, in that order
+"""
 from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -15,59 +21,33 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .schema import STAGES, ConfigError, register
+from .base import resolve_base
+from .checks import check_input_files, resolve
+from .context import RunContext
+from .errors import UserError
+from .evaluate import evaluate
+from .export import export
+from .launch import init_worker, is_worker, launch, rank, world_size
+from .logs import quiet_libraries
+from .merge import merge
+from .model import setup_context
+from .plan import plan
+from .predict import predict
+from .prepare import prepare, prepare_stage
+from .report import write_report
+from .schema import STAGES as STAGE_ORDER, register
+from .tokenizer import load_tokenizer
+from .tracking import Tracker, flatten, resolve_uri
+from .train import train
 
 log = logging.getLogger("finetune")
 register()
 
-
-def validate(cfg) -> None:
-    """Cross-key checks that fail fast, before data or weights are touched."""
-    from omegaconf.errors import MissingMandatoryValue
-
-    from .data.prompts import STYLES
-
-    try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as e:
-        raise ConfigError(f"{e.full_key}: a value is required (e.g. {e.full_key}=...)") from None
-    bad = [s for s in cfg.stages if s not in STAGES]
-    if bad or not cfg.stages:
-        raise ConfigError(f"stages: unknown stage(s) {bad or '[]'}; choose from {list(STAGES)}")
-    if cfg.dataset.style not in STYLES:
-        raise ConfigError(f"dataset.style: expected one of {list(STYLES)}, got {cfg.dataset.style!r}")
-    for key in ("train.epochs", "train.batch_size", "eval.batch_size", "parallel.gradient_accumulation_steps",
-                "model.seq_length", "parallel.data_parallel", "parallel.model_parallel", "parallel.pipeline_stage",
-                "parallel.micro_batch_num", "parallel.nodes"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key}: expected >= 1, got {OmegaConf.select(cfg, key)}")
-    if (cfg.parallel.model_parallel > 1 or cfg.parallel.pipeline_stage > 1) and cfg.stages != ["plan"]:
-        raise ConfigError("parallel.model_parallel/pipeline_stage > 1: only data parallelism runs (LoRA on a "
-                          "7B model fits one 64 GB device); such configs can be sized with stages=[plan]")
-    if cfg.train.save.num_checkpoints < 0:
-        raise ConfigError(f"train.save.num_checkpoints: expected >= 0, got {cfg.train.save.num_checkpoints}")
-    if cfg.model.hidden_size % cfg.model.num_heads:
-        raise ConfigError(f"model.hidden_size={cfg.model.hidden_size} is not divisible by "
-                          f"model.num_heads={cfg.model.num_heads}")
-    if cfg.hardware.compute_dtype == "float16" and cfg.hardware.loss_scale.kind == "none":
-        raise ConfigError("hardware.loss_scale.kind: float16 compute needs a dynamic loss scale "
-                          "(hardware.loss_scale.kind=dynamic), or gradients underflow silently")
-    if cfg.eval.num_shots < 0:
-        raise ConfigError(f"eval.num_shots: expected >= 0, got {cfg.eval.num_shots}")
-    if cfg.predict.format not in ("jsonl", "npy"):
-        raise ConfigError(f"predict.format: expected 'jsonl' or 'npy', got {cfg.predict.format!r}")
-
-
-def check_input_files(cfg) -> None:
-    """Input files named in the config must exist before any long work (training) starts.
-    Called inside the tracked run, so a missing file is recorded as a FAILED run."""
-    files = {"dataset.general.path": cfg.dataset.general.path if "prepare" in cfg.stages else None,
-             "eval.squad.path": cfg.eval.squad.path if "evaluate" in cfg.stages else None,
-             "eval.adapter": cfg.eval.adapter if {"evaluate", "merge", "predict", "export"} & set(cfg.stages) else None,
-             "predict.input": cfg.predict.input if "predict" in cfg.stages else None}
-    for key, path in files.items():
-        if path and not Path(path).is_file():
-            raise ConfigError(f"{key}: {path} not found")
+# Stage name -> function(RunContext) -> figures for summary.json. Run in STAGE_ORDER whatever
+# order `stages` lists them. Ranks other than 0 of a data-parallel job run `train` only.
+STAGES = {"plan": plan, "prepare": prepare_stage, "train": train, "evaluate": evaluate, "merge": merge,
+          "predict": predict, "export": export}
+assert tuple(STAGES) == STAGE_ORDER
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -76,25 +56,39 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run cfg.stages in order; returns the summary (also written to run_dir/summary.json)."""
-    from .launch import SilentTracker, init_worker, is_worker, launch, local_workers, world_size
-    from .model import resolve_model_config
-    from .report import write_report
-    from .tracking import Tracker, flatten, resolve_uri
+def given_keys() -> frozenset[str]:
+    """Config keys set on the command line (`lora.rank=4` -> 'lora.rank'), to tell a user's explicit
+    choice from a default (adapter.lora_settings)."""
+    if not HydraConfig.initialized():
+        return frozenset()
+    return frozenset(o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
 
-    validate(cfg)
-    resolve_model_config(cfg.model)   # an HF checkpoint's config.json defines the architecture
-    local_workers(cfg.parallel)       # world size must split over the nodes
-    if world_size(cfg.parallel) > 1 and not is_worker() and cfg.stages != ["plan"]:
+
+def artifacts(cfg, tracker) -> tuple:
+    """(tokenizer, prepared-data folder, base checkpoint, how the base was obtained), built once per
+    job; (None, None, None, None) for a plan-only run, which needs no data or weights."""
+    if list(cfg.stages) == ["plan"]:
+        return None, None, None, None
+    tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
+    setup_context(cfg.hardware, cfg.seed)
+    prepared = prepare(cfg, tok)
+    base, how = resolve_base(cfg, tok, prepared, tracker)
+    return tok, prepared, base, how
+
+
+def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset()) -> dict:
+    """Run cfg.stages in order; returns this run's summary (also written to run_dir/summary.json)."""
+    cfg = resolve(cfg)                # checked, HF config.json applied, read-only
+    run_dir = Path(run_dir)
+    if world_size(cfg.parallel) > 1 and not is_worker() and list(cfg.stages) != ["plan"]:
+        artifacts(cfg, Tracker())     # once, here: the workers find data and base in the cache
         return launch(cfg, run_dir)   # msrun workers re-enter run(); rank 0 tracks and writes the summary
-    rank = init_worker(cfg.hardware, cfg.seed) if is_worker() else 0
+    worker_rank = init_worker(cfg.hardware, cfg.seed) if is_worker() else 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    if rank != 0:
-        os.environ["LOCAL_DEFAULT_PATH"] = str(run_dir / "mindformers" / f"rank{rank}")
-        run_stages(cfg, run_dir, SilentTracker(), rank)
+    if worker_rank != 0:
+        tok, prepared, base, _ = artifacts(cfg, Tracker())
+        train(RunContext(cfg, run_dir, prepared, base, tok, Tracker(), worker_rank, given))
         return {}
-    os.environ["LOCAL_DEFAULT_PATH"] = str(run_dir / "mindformers")  # MindFormers' logs + adapter_config.json
     output_root = Path(cfg.output_root).resolve()
     uri = resolve_uri(cfg.tracking, output_root)   # an http(s) server must answer first
     tracker = Tracker(uri, cfg.tracking.experiment, cfg.tracking.run_name or run_dir.name,
@@ -103,9 +97,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                             "hardware": cfg.hardware.device_target, "stages": ",".join(cfg.stages),
                             "run_dir": str(run_dir)})
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary.update({"status": "RUNNING", "stages": list(cfg.stages), "mlflow_run_id": tracker.run_id,
-                    "mlflow_uri": uri, "run_dir": str(run_dir)})
+    summary = {"status": "RUNNING", "stages": list(cfg.stages), "mlflow_run_id": tracker.run_id, "mlflow_uri": uri,
+               "run_dir": str(run_dir), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "runs": earlier_runs(summary_path)}
     status = "FAILED"
     # SIGTERM (a scheduler's or `kill`'s stop) ends the run like Ctrl-C: status KILLED in summary.json
     # and MLflow, instead of a run left RUNNING forever by a process that died without cleanup.
@@ -113,10 +107,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if threading.current_thread() is threading.main_thread() else None
     try:
         check_input_files(cfg)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        tracker.log_params(flatten(resolved))
-        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        summary.update(run_stages(cfg, run_dir, tracker))
+        tracker.log_params(flatten(OmegaConf.to_container(cfg)))
+        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg))
+        t0 = time.time()
+        tok, prepared, base, how = artifacts(cfg, tracker)
+        if base is not None:
+            summary.update(base_checkpoint=str(base), base_source=how)
+            tracker.set_tags({"base_checkpoint": str(base), "base_source": how})
+        ctx = RunContext(cfg, run_dir, prepared, base, tok, tracker, 0, given)
+        for name, stage in STAGES.items():
+            if name in cfg.stages:
+                t = time.time()
+                summary.update(stage(ctx))
+                summary[f"{name}_seconds"] = round(time.time() - t, 1)
+                tracker.flush()
+        summary["seconds"] = round(time.time() - t0, 1)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -129,19 +134,40 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         summary["status"] = status
         write_json(summary_path, summary)
         write_report(run_dir, summary, tracker)   # CSV/PNG/report.md artifacts; never raises
-        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        for name, sub in (("acc", summary.get("per_subject_accuracy")),
-                          ("acc_base", summary.get("per_subject_accuracy_base"))):
-            if isinstance(sub, dict):
-                tracker.log_metrics({f"{name}.{s}": v for s, v in sub.items()})
+        tracker.log_metrics(final_metrics(summary))
         tracker.log_artifact(summary_path)
         tracker.log_artifact(run_dir / "config_resolved.yaml")
         tracker.log_artifact(run_dir / ".hydra", "hydra")
-        tracker.log_artifact(run_dir / "eval_predictions.jsonl")
+        if "evaluate" in summary["stages"]:
+            tracker.log_artifact(run_dir / "eval_predictions.jsonl")
         tracker.end(status)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return summary
+
+
+def earlier_runs(summary_path: Path) -> list[dict]:
+    """summary.json holds one run's figures; the runs before it in the same run dir are kept, each
+    whole (with its own mlflow_run_id and stages), under `runs`, oldest first."""
+    if not summary_path.is_file():
+        return []
+    try:
+        old = json.loads(summary_path.read_text())
+    except ValueError:
+        log.warning("%s is not valid JSON; its earlier runs are not kept", summary_path)
+        return []
+    return old.pop("runs", []) + [old]
+
+
+def final_metrics(summary: dict) -> dict:
+    """The numbers of this run's summary as MLflow metrics: booleans as 1/0 (retained), per-subject
+    accuracies as acc.<subject> / acc_base.<subject>."""
+    out = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+    for name, sub in (("acc", summary.get("per_subject_accuracy")),
+                      ("acc_base", summary.get("per_subject_accuracy_base"))):
+        if isinstance(sub, dict):
+            out.update({f"{name}.{s}": v for s, v in sub.items()})
+    return out
 
 
 class Interrupted(KeyboardInterrupt):
@@ -152,58 +178,6 @@ def _raise_interrupt(signum, frame):
     raise Interrupted(signal.Signals(signum).name)
 
 
-def run_stages(cfg, run_dir: Path, tracker, rank: int = 0) -> dict:
-    """Stage order is fixed (plan -> prepare -> train -> evaluate -> merge -> predict -> export),
-    whatever order cfg.stages lists. Ranks other than 0 of a data-parallel job only train."""
-    from .evaluate import evaluate
-    from .model import setup_context
-    from .predict import predict
-    from .prepare import load_meta, prepare
-    from .tokenizer import load_tokenizer
-    from .train import train
-
-    t0 = time.time()
-    out: dict = {}
-    if "plan" in cfg.stages:
-        from .plan import plan
-
-        out.update(plan(cfg, run_dir, tracker))
-        if cfg.stages == ["plan"]:   # a dry run: no tokenizer, data or weights needed
-            out["seconds"] = round(time.time() - t0, 1)
-            return out
-    tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
-    setup_context(cfg.hardware, cfg.seed)
-    # Every stage needs the prepared data; without the prepare stage it must already be cached
-    # (prepare is cheap and deterministic, so it is (re)built rather than refused).
-    prepared = prepare(cfg, tok)
-    meta = load_meta(prepared)
-    general = meta["general_examples"]   # rehearsal records mixed into training
-    out.update({"prepared_data": str(prepared), "dataset_rows": meta["dataset_rows"],
-                "train_questions": meta["train_questions"], "train_too_long": meta["train_too_long"],
-                "general_examples": general})
-    tracker.log_metrics({"train_questions": meta["train_questions"], "eval_questions_total": meta["eval_questions"],
-                         "general_examples": general})
-    if "train" in cfg.stages:
-        out.update(train(cfg, run_dir, tok, prepared, tracker))
-        tracker.flush()
-    if rank != 0:
-        return out
-    if "evaluate" in cfg.stages:
-        out.update(evaluate(cfg, run_dir, tok, prepared, tracker))
-    if "merge" in cfg.stages:
-        from .merge import merge
-
-        out.update(merge(cfg, run_dir, tok, prepared, tracker))
-    if "predict" in cfg.stages:
-        out.update(predict(cfg, run_dir, tok, prepared, tracker))
-    if "export" in cfg.stages:
-        from .export import export
-
-        out.update(export(cfg, run_dir, tok, prepared, tracker))
-    out["seconds"] = round(time.time() - t0, 1)
-    return out
-
-
 # conf/ sits beside the package in the repository (an editable install), found by absolute path.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -212,31 +186,24 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 def main(cfg: DictConfig) -> float | None:
     """Thin: resolve the run dir, run, return cfg.sweep.objective (what a sweep optimizes).
     In a multirun sweep a failed job returns None (its MLflow run is FAILED) and the sweep goes on."""
-    from .data.records import DataError
-    from .launch import LaunchError
-    from .model import ModelError
     from .sweep import in_multirun, objective_value
-    from .tokenizer import TokenizerError
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = in_multirun()
+    quiet_libraries(run_dir, rank(), verbose=bool(HydraConfig.get().verbose))
     try:
-        summary = run(cfg, run_dir)
-    except (ConfigError, DataError, ModelError, TokenizerError) as e:
-        # Known bad input: one line, no traceback (an MLflow run, if one was opened, is marked FAILED).
+        summary = run(cfg, run_dir, given_keys())
+    except UserError as e:
+        # Known bad input or a failed worker: one line, no traceback (the MLflow run, if one was
+        # opened, is marked FAILED).
         print(f"finetune: error: {e}", file=sys.stderr)
         if multirun:
             return None
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt as e:   # Ctrl-C or SIGTERM: the run is marked KILLED, no traceback
         name = str(e) if isinstance(e, Interrupted) else "SIGINT"
         print(f"finetune: interrupted by {name}; run {run_dir} marked KILLED", file=sys.stderr)
         sys.exit(128 + getattr(signal, name))
-    except LaunchError as e:  # a worker died: msrun stopped the others; show that worker's error
-        print(f"finetune: error: {e}", file=sys.stderr)
-        if multirun:
-            return None
-        sys.exit(1)
     except Exception:
         if not multirun:
             raise

@@ -9,7 +9,6 @@ Sweep parent runs (which repeat their best child's figures) are left out unless 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 

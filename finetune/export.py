@@ -2,8 +2,8 @@
 tokenizer files) that other tools can load and serve.
 
 Weights: run_dir/merged.ckpt when the merge stage wrote one, else base + adapter merged on the fly,
-else (no adapter) the base. Tensor names are finetune/hf.py's map run backwards; values are
-copied unchanged, so HF -> project -> HF is bit-for-bit where nothing was trained.
+else (no adapter) the base. Tensor names come from finetune/layout.py; values are copied
+unchanged, so HF -> project -> HF is bit-for-bit where nothing was trained.
 
 Tokenizer: a SentencePiece model is copied as tokenizer.model (+ tokenizer_config.json naming
 LlamaTokenizer). A tiktoken encoding (a rank file, or the built-in demo encoding) is written as
@@ -14,59 +14,19 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from .hf import _LAYER, _TOP, is_hf_dir
-from .lora import adapter_path
-from .merge import (MERGED_FILE, MERGED_KEY_HF, MERGED_META, base_tensors, merge_lora, merged_marker, read_adapter,
-                    read_checkpoint, refuse_merged_base)
-from .model import ModelError
+from .adapter import (MERGED_FILE, MERGED_KEY_HF, MERGED_META, adapter_path, base_tensors, merge_lora, merged_marker,
+                      read_adapter, refuse_merged_base)
+from .errors import ModelError
+from .hf import is_hf_dir
+from .layout import to_hf
+from .ckpt import read_checkpoint
 
 log = logging.getLogger("finetune.export")
-
-# MindFormers -> HF names: hf.py's maps inverted (derived, so the two directions cannot drift apart).
-_LAYER_TO_HF = {mf: hf_name for hf_name, mf in _LAYER.items()}
-_TOP_TO_HF = {mf: hf_name for hf_name, mf in _TOP.items()}
-
-
-def hf_names(model_cfg) -> set[str]:
-    """Every tensor name an HF Llama checkpoint of this architecture has (tied: no lm_head.weight,
-    as HF's save_pretrained writes it)."""
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not model_cfg.tie_word_embeddings:
-        names.add("lm_head.weight")
-    biased = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} if model_cfg.qkv_has_bias else set()
-    if model_cfg.attn_proj_has_bias:
-        biased.add("self_attn.o_proj")
-    for i in range(model_cfg.num_layers):
-        names |= {f"model.layers.{i}.{part}.weight" for part in _LAYER}
-        names |= {f"model.layers.{i}.{part}.bias" for part in biased}
-    return names
-
-
-def to_hf(params: dict[str, np.ndarray], model_cfg) -> dict[str, np.ndarray]:
-    """MindFormers Llama parameters -> HF Llama tensors (same arrays, renamed). The result must hold
-    exactly the tensors `hf_names(model_cfg)` lists: a missing or unexpected one is an error."""
-    layer_re = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-    out = {}
-    for name, value in params.items():
-        if name in _TOP_TO_HF:
-            out[_TOP_TO_HF[name]] = value
-            continue
-        m = layer_re.match(name)
-        if not m or m.group(2) not in _LAYER_TO_HF:
-            raise ModelError(f"export: parameter {name!r} has no Hugging Face Llama name")
-        out[f"model.layers.{m.group(1)}.{_LAYER_TO_HF[m.group(2)]}.{m.group(3)}"] = value
-    expected = hf_names(model_cfg)
-    if set(out) != expected:
-        missing, extra = sorted(expected - set(out)), sorted(set(out) - expected)
-        raise ModelError(f"export: the weights do not fit model config {model_cfg.name!r} "
-                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    return out
 
 
 def hf_config(model_cfg, tensors: dict[str, np.ndarray], tok) -> dict:
@@ -199,34 +159,36 @@ def write_hf_folder(out: Path, tensors: dict[str, np.ndarray], config: dict, fil
         tmp.rename(out)
 
 
-def export_weights(cfg, run_dir: Path, tok, prepared: Path, tracker) -> tuple[dict[str, np.ndarray], str, str | None]:
+def export_weights(ctx) -> tuple[dict[str, np.ndarray], str, str | None]:
     """(MindFormers parameters, where they came from, merge marker or None) for the export. The
     marker goes into config.json, so that a later merge into the exported model is refused too."""
-    merged = Path(run_dir) / MERGED_FILE
+    cfg, run_dir = ctx.cfg, Path(ctx.run_dir)
+    merged = run_dir / MERGED_FILE
     if merged.is_file():
         tensors = read_checkpoint(merged, "export")
         return {k: v for k, v in tensors.items() if k not in MERGED_META}, str(merged), merged_marker(merged)
     adapter = adapter_path(cfg, run_dir)
     if adapter.is_file():
         refuse_merged_base(cfg.model.checkpoint)
-        lora, rank, alpha = read_adapter(adapter, "export")
-        merged_params = merge_lora(base_tensors(cfg, tok, prepared, tracker), lora, alpha / rank)
-        return merged_params, f"base + {adapter}", f"{adapter.name}, scaling {alpha / rank:g}"
+        lora, meta = read_adapter(adapter, "export")
+        scaling = meta["alpha"] / meta["rank"]
+        merged_params = merge_lora(base_tensors(ctx.base_checkpoint), lora, scaling)
+        return merged_params, f"base + {adapter}", f"{adapter.name}, scaling {scaling:g}"
     log.info("export: no adapter in %s; exporting the base model", run_dir)
     marker = merged_marker(cfg.model.checkpoint) if cfg.model.checkpoint else None
-    return base_tensors(cfg, tok, prepared, tracker), "base", marker
+    return base_tensors(ctx.base_checkpoint), "base", marker
 
 
-def export(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
+def export(ctx) -> dict:
     """Write export.output (default run_dir/hf) as a Hugging Face Llama folder."""
-    run_dir = Path(run_dir)
+    cfg, run_dir = ctx.cfg, Path(ctx.run_dir)
     out = Path(cfg.export.output) if cfg.export.output else run_dir / "hf"
-    params, source, marker = export_weights(cfg, run_dir, tok, prepared, tracker)
+    params, source, marker = export_weights(ctx)
     tensors = to_hf(params, cfg.model)
-    config = hf_config(cfg.model, tensors, tok)
+    config = hf_config(cfg.model, tensors, ctx.tok)
     if marker:
         config[MERGED_KEY_HF] = marker   # HF transformers keeps unknown config keys as attributes
-    write_hf_folder(out, tensors, config, tokenizer_files(cfg.model.tokenizer, tok, cfg.model.seq_length))
+    write_hf_folder(out, tensors, config, tokenizer_files(cfg.model.tokenizer, ctx.tok, cfg.model.seq_length))
     log.info("exported %s (%d tensors) -> %s", source, len(tensors), out)
-    tracker.set_tags({"export_dir": str(out), "export_source": source})
+    ctx.tracker.set_tags({"export_dir": str(out), "export_source": source})
     return {"export_dir": str(out), "export_source": source, "export_tensors": len(tensors)}

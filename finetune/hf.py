@@ -1,29 +1,16 @@
-"""Hugging Face Llama-family checkpoints -> MindFormers Llama (names, shapes, tied embeddings, GQA).
-
-Parameter names map one to one (checked against HF transformers' logits on a real tiny Llama):
-no transpose (both store Linear weights as [out, in]) and no rotary permutation, because
-MindFormers' slice rotation (use_rope_slice) is HF's rotate_half. InternLM-7B is the same
-layout plus biases on q/k/v/o.
-"""
+"""Hugging Face Llama-family model folders: config.json -> model config fields, weight files ->
+numpy tensors. The tensor-name mapping itself lives in finetune/layout.py."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
-from .model import ModelError
+from .errors import ModelError
 
-# Architectures whose HF checkpoints use the Llama parameter layout.
+# Architectures whose HF checkpoints use the Llama parameter layout (finetune/layout.py).
 LLAMA_FAMILY = {"LlamaForCausalLM", "InternLMForCausalLM", "MistralForCausalLM"}
-_LAYER = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-}
-_TOP = {"model.embed_tokens.weight": "model.tok_embeddings.embedding_weight",
-        "model.norm.weight": "model.norm_out.weight", "lm_head.weight": "lm_head.weight"}
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -95,22 +82,3 @@ def load_hf_state(path: str | Path) -> dict[str, np.ndarray]:
             for k, v in torch.load(str(f), map_location="cpu", weights_only=True).items():
                 state[k] = v.float().numpy()
     return {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
-
-
-def to_mindformers(state: dict[str, np.ndarray], num_layers: int, tied: bool) -> dict[str, np.ndarray]:
-    """Rename HF tensors to MindFormers Llama parameter names."""
-    out = {}
-    layer_re = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-    for name, value in state.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # recomputed from rope_theta
-        if name in _TOP:
-            if name == "lm_head.weight" and tied:
-                continue  # shares the embedding
-            out[_TOP[name]] = value
-            continue
-        m = layer_re.match(name)
-        if not m or m.group(2) not in _LAYER or int(m.group(1)) >= num_layers:
-            raise ModelError(f"HF checkpoint: unexpected tensor {name!r} for a {num_layers}-layer Llama")
-        out[f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"] = value
-    return out

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .schema import ConfigError
+from .errors import ConfigError, LaunchError
 
 WORKER_ENV = "FINETUNE_WORKER"
 WORKER_SCRIPT = Path(__file__).resolve().parent / "msrun_worker" / "worker.py"
@@ -22,13 +22,27 @@ def world_size(par) -> int:
 
 
 def local_workers(par) -> int:
-    world = world_size(par)
-    if par.nodes < 1 or world % par.nodes:
-        raise ConfigError(f"parallel.nodes={par.nodes}: the world size {world} (data_parallel x model_parallel x "
-                          f"pipeline_stage) must split evenly over the nodes")
-    if not 0 <= par.node_rank < par.nodes:
-        raise ConfigError(f"parallel.node_rank={par.node_rank}: expected 0..{par.nodes - 1}")
-    return world // par.nodes
+    """Workers on this node (the world size splits evenly over the nodes: checks.py)."""
+    return world_size(par) // par.nodes
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), for a single-node job's msrun master."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def master_port(par) -> int:
+    """parallel.master_port, or (0, single node) a free port: two jobs on one machine never collide."""
+    if par.master_port:
+        return par.master_port
+    if par.nodes > 1:
+        raise ConfigError("parallel.master_port=0 (pick a free port) works on one node only; a multi-node job "
+                          "needs the same explicit port on every node")
+    return free_port()
 
 
 def is_worker() -> bool:
@@ -40,7 +54,7 @@ def rank() -> int:
     return int(os.environ.get("RANK_ID", os.environ.get("RANK", "0"))) if is_worker() else 0
 
 
-def msrun_command(cfg, run_dir: Path, overrides: list[str]) -> list[str]:
+def msrun_command(cfg, run_dir: Path, overrides: list[str], port: int | None = None) -> list[str]:
     """The exact msrun command line that runs this config on parallel.nodes x local workers.
     On a multi-node job every node runs it with its own parallel.node_rank."""
     par = cfg.parallel
@@ -51,7 +65,7 @@ def msrun_command(cfg, run_dir: Path, overrides: list[str]) -> list[str]:
         f"--worker_num={world_size(par)}",
         f"--local_worker_num={local}",
         f"--master_addr={par.master_addr}",
-        f"--master_port={par.master_port}",
+        f"--master_port={port or par.master_port}",
         f"--node_rank={par.node_rank}",
         f"--log_dir={run_dir / 'msrun'}",
         "--join=True",
@@ -66,18 +80,6 @@ def msrun_command(cfg, run_dir: Path, overrides: list[str]) -> list[str]:
     ]
 
 
-class LaunchError(RuntimeError):
-    """msrun or one of its workers failed; the message carries the failing worker's log tail."""
-
-
-class SilentTracker:
-    """What ranks other than 0 log to: nothing (one MLflow run per job, written by rank 0)."""
-    run_id = None
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
 def init_worker(hw, seed: int) -> int:
     """Inside an msrun worker: set the device context, join the communication group, return
     this process's global rank."""
@@ -90,24 +92,9 @@ def init_worker(hw, seed: int) -> int:
     return get_rank()
 
 
-def warm_caches(cfg) -> None:
-    """Before launching: build the prepared-data cache (so bad input fails here, once, with one
-    line) and, for a model trained from scratch (the demo's tiny base), its pretrained base, so
-    the workers never race to write the same cache."""
-    from .model import setup_context
-    from .prepare import prepare
-    from .tokenizer import load_tokenizer
-    from .train import load_base
-
-    tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
-    prepared = prepare(cfg, tok)
-    if not cfg.model.checkpoint and cfg.model.pretrain.epochs > 0 and "train" in cfg.stages:
-        setup_context(cfg.hardware, cfg.seed)
-        load_base(cfg, tok, prepared, SilentTracker(), cfg.train.batch_size)
-
-
 def launch(cfg, run_dir: Path) -> dict:
-    """Run this job on world_size msrun workers and wait; returns rank 0's summary.json."""
+    """Run this job on world_size msrun workers and wait; returns rank 0's summary.json. The caller
+    builds the prepared data and the base model first, so the workers find both in the cache."""
     import json
     import shutil
     import subprocess
@@ -121,8 +108,7 @@ def launch(cfg, run_dir: Path) -> dict:
         raise ConfigError("parallel: msrun (MindSpore's launcher) not found next to this python")
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    warm_caches(cfg)
-    cmd = msrun_command(cfg, run_dir, list(HydraConfig.get().overrides.task))
+    cmd = msrun_command(cfg, run_dir, list(HydraConfig.get().overrides.task), master_port(cfg.parallel))
     cmd[0] = shutil.which("msrun") or str(Path(sys.executable).parent / "msrun")
     print(f"finetune: launching {world_size(cfg.parallel)} workers: {' '.join(cmd)}", file=sys.stderr, flush=True)
     # msrun starts workers as `python worker.py`: put this interpreter's folder (the venv) first.

@@ -1,39 +1,35 @@
-"""LoRA through mindformers.pet: wrap the attention projections, freeze the base, save/load the adapter."""
+"""LoRA through mindformers.pet: wrap the matching projections, freeze the base, seed the dropout.
+(The adapter *file* (save, read, merge) is finetune/adapter.py.)"""
 from __future__ import annotations
 
-import os
-
-from .model import ModelError, load_checkpoint, save_checkpoint
-
-ADAPTER_TAG = "mindpet_delta_lora"
-ADAPTER_FILE = "adapter.ckpt"   # what the train stage writes into the run dir
+from .adapter import adapter_params
+from .errors import ModelError
 
 
-def apply_lora(net, lora_cfg, output_dir: str | None = None):
-    """Add LoRA to every layer matched by lora.target_modules and freeze everything else.
+def apply_lora(net, lora, seed: int):
+    """Add LoRA (rank, alpha, dropout, target_modules: a lora config group or the dict that
+    adapter.lora_settings returns) to every layer matched by target_modules; freeze the rest.
 
+    `seed` draws lora_a's initial values and seeds the dropout masks: passed in, not read from
+    MindSpore's global seed, so a LoRA model is the same whatever was built before it.
     mindformers.pet matches the regex against each cell's own name ('wq', not the dotted path)
     and stops at a matching non-Linear cell (plan.lora_layers has the exact rule), so whether
     anything was wrapped is checked afterwards: a regex that wraps nothing would silently train
     nothing. LoRA weights are float32 whatever the base's dtype (fp16 on Ascend): small updates
     to B and A would round away in float16."""
+    import mindspore as ms
     from mindformers.pet import LoraConfig, get_pet_model
 
-    if lora_cfg.rank < 1:
-        raise ModelError(f"lora.rank: expected >= 1, got {lora_cfg.rank}")
-    if not 0.0 <= lora_cfg.dropout < 1.0:
-        raise ModelError(f"lora.dropout: expected in [0, 1), got {lora_cfg.dropout}")
-    if output_dir:  # MindFormers writes adapter_config.json into its output root
-        os.environ["LOCAL_DEFAULT_PATH"] = str(output_dir)
-    config = LoraConfig(lora_rank=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=lora_cfg.target_modules, param_init_type="float32",
-                        compute_dtype=net.config.compute_dtype)
+    config = LoraConfig(lora_rank=int(lora["rank"]), lora_alpha=float(lora["alpha"]),
+                        lora_dropout=float(lora["dropout"]), target_modules=str(lora["target_modules"]),
+                        param_init_type="float32", compute_dtype=net.config.compute_dtype)
+    ms.set_seed(seed)
     net = get_pet_model(net, config)
     if not adapter_params(net):
-        raise ModelError(f"lora.target_modules={lora_cfg.target_modules!r} matches no layer of the model "
+        raise ModelError(f"lora.target_modules={lora['target_modules']!r} matches no layer of the model "
                          f"(it is matched against each cell's own name: e.g. '.*wq|.*wv', 'w1|w3')")
-    if lora_cfg.dropout > 0:
-        seed_dropout(net, lora_cfg.dropout)
+    if lora["dropout"] > 0:
+        seed_dropout(net, float(lora["dropout"]), seed)
     return net
 
 
@@ -61,93 +57,23 @@ def seeded_dropout_cell(p: float, seed: int, seed2: int):
     return SeededDropout()
 
 
-def seed_dropout(net, p: float) -> int:
-    """Replace the dropout of every LoRA layer by seeded_dropout_cell (seeds: the global seed that
-    build_model set, and the layer's position). Returns how many were replaced."""
-    import mindspore as ms
+def seed_dropout(net, p: float, seed: int) -> int:
+    """Replace the dropout of every LoRA layer by seeded_dropout_cell (seeds: `seed` and the
+    layer's position). Returns how many were replaced."""
     from mindspore import nn
 
-    seed = ms.get_seed() or 0
     layers = [cell for _, cell in net.cells_and_names() if isinstance(getattr(cell, "lora_dropout", None), nn.Dropout)]
     for i, cell in enumerate(layers):
         cell.lora_dropout = seeded_dropout_cell(p, seed, i + 1)
     return len(layers)
 
 
-def adapter_path(cfg, run_dir) -> "Path":
-    """eval.adapter if set, else the adapter the train stage writes into the run dir."""
-    from pathlib import Path
+def with_adapter(net, path, lora_cfg, given: frozenset[str], seed: int, what: str = "eval.adapter"):
+    """Wrap `net` with the LoRA an adapter file records (adapter.lora_settings: a conflicting
+    `lora.*` override is an error) and load the adapter's weights into it."""
+    from .adapter import load_adapter, read_adapter, lora_settings
 
-    return Path(cfg.eval.adapter) if cfg.eval.adapter else Path(run_dir) / ADAPTER_FILE
-
-
-def adapter_params(net) -> list:
-    return [(p.name, p) for p in net.get_parameters() if ADAPTER_TAG in p.name]
-
-
-# The LoRA settings an adapter was trained with, stored inside its checkpoint so that `merge`
-# takes the scaling alpha/rank from the file itself, never from whoever runs the merge.
-# Stored as tensors (text as UTF-8 bytes), not as MindSpore append_dict strings: model.save_checkpoint
-# takes tensors only, and model.load_checkpoint calls .asnumpy() on every entry (a str would break
-# loading a merged checkpoint as a base). None of these names contains ADAPTER_TAG.
-META_RANK, META_ALPHA, META_TARGETS = "lora_rank", "lora_alpha", "lora_target_modules"
-ADAPTER_META = (META_RANK, META_ALPHA, META_TARGETS)
-
-
-def text_tensor(text: str):
-    import mindspore as ms
-    import numpy as np
-
-    return ms.Tensor(np.frombuffer(text.encode("utf-8"), np.uint8).copy())
-
-
-def tensor_text(value) -> str:
-    import numpy as np
-
-    return np.asarray(value.asnumpy() if hasattr(value, "asnumpy") else value, np.uint8).tobytes().decode("utf-8")
-
-
-def adapter_config(net) -> dict:
-    """rank / alpha / target_modules of the LoRA that mindformers.pet applied to `net` (the values
-    its LoRADense layers compute with: scaling = alpha / rank)."""
-    pet = getattr(getattr(net, "config", None), "pet_config", None)
-    if pet is None or not hasattr(pet, "lora_rank"):
-        raise ModelError("save_adapter: the network has no LoRA config (was apply_lora called on it?)")
-    return {"rank": int(pet.lora_rank), "alpha": float(pet.lora_alpha), "target_modules": str(pet.target_modules)}
-
-
-def save_adapter(net, path, lora_cfg=None) -> None:
-    """The adapter tensors plus the rank, alpha and target regex they were trained with (read from
-    the net's LoRA layers; `lora_cfg`, when given, must agree with them)."""
-    import mindspore as ms
-    import numpy as np
-
-    lora = adapter_config(net)
-    if lora_cfg is not None and (lora_cfg.rank, float(lora_cfg.alpha)) != (lora["rank"], lora["alpha"]):
-        raise ModelError(f"save_adapter: lora.rank={lora_cfg.rank} lora.alpha={lora_cfg.alpha} differ from the "
-                         f"network's LoRA layers (rank {lora['rank']}, alpha {lora['alpha']})")
-    meta = [(META_RANK, ms.Tensor(np.array(lora["rank"], np.int32))),
-            (META_ALPHA, ms.Tensor(np.array(lora["alpha"], np.float64))),   # float64: alpha exactly as given
-            (META_TARGETS, text_tensor(lora["target_modules"]))]
-    save_checkpoint(adapter_params(net) + meta, path)
-
-
-def load_adapter(net, path) -> None:
-    """Load adapter weights saved by save_adapter (its rank/alpha entries are skipped: the net's
-    own LoRA layers define those); names and shapes must match exactly."""
-    import mindspore as ms
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"eval.adapter: adapter checkpoint {path} not found")
-    params = {k: v for k, v in ms.load_checkpoint(str(path)).items() if k not in ADAPTER_META}
-    expected = dict(adapter_params(net))
-    if set(params) != set(expected):
-        diff = sorted(set(params) ^ set(expected))
-        raise ModelError(f"eval.adapter: {path} does not fit this model + lora config "
-                         f"({len(diff)} name(s) differ, e.g. {diff[:3]}); was it trained with other lora/model settings?")
-    for name, p in expected.items():
-        if tuple(params[name].shape) != tuple(p.shape):
-            raise ModelError(f"eval.adapter: {path}: {name} has shape {tuple(params[name].shape)}, expected {tuple(p.shape)}")
-    ms.load_param_into_net(net, params, strict_load=True)
+    _, meta = read_adapter(path, what)
+    net = apply_lora(net, lora_settings(meta, lora_cfg, given, path), seed)
+    load_adapter(net, path, what)
+    return net

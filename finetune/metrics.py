@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-LETTERS = ("A", "B", "C", "D")
+from .data.records import LETTERS
 
 
 def mc_predictions(letter_logits: np.ndarray) -> list[str]:

@@ -6,27 +6,24 @@ All architecture facts live here. CPU vs Ascend differences are values of the ha
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
+
+
+from .adapter import ADAPTER_TAG
+from .ckpt import read_checkpoint
+from .errors import ModelError
 
 log = logging.getLogger("finetune.model")
 
 
-class ModelError(ValueError):
-    """A model/checkpoint problem found before any long work starts."""
-
-
 def context_kwargs(hw) -> dict:
-    """The `mindspore.set_context` arguments for the hardware group (pure: testable for Ascend on CPU)."""
+    """The `mindspore.set_context` arguments for the hardware group (pure: testable for Ascend on CPU).
+    hardware.mode and device_target are schema enums, checked when the config is composed."""
     import mindspore as ms
 
-    mode = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}.get(hw.mode)
-    if mode is None:
-        raise ModelError(f"hardware.mode: expected 'graph' or 'pynative', got {hw.mode!r}")
-    if hw.device_target not in ("CPU", "Ascend"):
-        raise ModelError(f"hardware.device_target: expected 'CPU' or 'Ascend', got {hw.device_target!r}")
-    kwargs = {"mode": mode, "device_target": hw.device_target}
-    if hw.max_device_memory and hw.device_target != "CPU":
+    kwargs = {"mode": {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}[str(hw.mode)],
+              "device_target": str(hw.device_target)}
+    if hw.max_device_memory and str(hw.device_target) != "CPU":
         kwargs["max_device_memory"] = hw.max_device_memory
     return kwargs
 
@@ -36,17 +33,6 @@ def setup_context(hw, seed: int) -> None:
 
     ms.set_context(**context_kwargs(hw))
     ms.set_seed(seed)
-    quiet_mindformers()
-
-
-def quiet_mindformers() -> None:
-    """MindFormers logs INFO lines to stdout for every model built; keep its warnings and errors
-    on the terminal (its full log still goes to <run dir>/mindformers/log)."""
-    import mindformers  # noqa: F401  (creates its logger)
-
-    for handler in logging.getLogger("mindformers").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
 
 
 def llama_config(model_cfg, hw, vocab_size: int, tok, batch_size: int):
@@ -91,18 +77,6 @@ def llama_config(model_cfg, hw, vocab_size: int, tok, batch_size: int):
 IGNORE_ID = -100
 
 
-def resolve_model_config(model_cfg) -> None:
-    """When model.checkpoint is a Hugging Face folder, its config.json defines the architecture:
-    copy those fields into model_cfg (in place), overriding the group's values."""
-    from .hf import is_hf_dir, read_hf_config
-
-    if model_cfg.checkpoint and is_hf_dir(model_cfg.checkpoint):
-        for key, value in read_hf_config(model_cfg.checkpoint).items():
-            if model_cfg[key] != value:
-                log.info("model.%s = %s (from %s/config.json)", key, value, model_cfg.checkpoint)
-            model_cfg[key] = value
-
-
 def vocab_size_for(model_cfg, tok) -> int:
     vocab = model_cfg.vocab_size or tok.vocab_size
     if vocab < tok.vocab_size:
@@ -110,27 +84,27 @@ def vocab_size_for(model_cfg, tok) -> int:
     return vocab
 
 
-def build_model(model_cfg, hw, tok, batch_size: int, seed: int):
-    """A LlamaForCausalLM with random init from `seed` (then `load_checkpoint` if one is given)."""
+def build_model(model_cfg, hw, tok, batch_size: int, seed: int | None = None):
+    """A LlamaForCausalLM with MindSpore's initializers. `seed` (when given) seeds that init: only
+    a random-init base (finetune/base.py) depends on it; every stage loads weights from a file."""
     import mindspore as ms
     from mindformers import LlamaForCausalLM
 
-    ms.set_seed(seed)
+    if seed is not None:
+        ms.set_seed(seed)
     return LlamaForCausalLM(llama_config(model_cfg, hw, vocab_size_for(model_cfg, tok), tok, batch_size))
+
+
+def load_model(model_cfg, hw, tok, batch_size: int, checkpoint: str | Path, what: str = "base checkpoint"):
+    """build_model + load_checkpoint: how every stage gets its base model."""
+    net = build_model(model_cfg, hw, tok, batch_size)
+    load_checkpoint(net, checkpoint, what)
+    return net
 
 
 def load_checkpoint(net, path: str | Path, what: str = "model.checkpoint") -> None:
     """Load a MindSpore .ckpt into `net` (see load_weights for the checks)."""
-    import mindspore as ms
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{what}: checkpoint {path} not found")
-    try:
-        params = ms.load_checkpoint(str(path))
-    except Exception as e:  # truncated / not a checkpoint: name the file, not MindSpore's internals
-        raise ModelError(f"{what}: cannot read {path} as a MindSpore checkpoint ({str(e).splitlines()[0]})") from None
-    load_weights(net, {k: v.asnumpy() for k, v in params.items()}, f"{what} {path}")
+    load_weights(net, read_checkpoint(path, what), f"{what} {path}")
 
 
 def load_weights(net, params: dict, what: str) -> None:
@@ -138,7 +112,7 @@ def load_weights(net, params: dict, what: str) -> None:
     shape the model config implies (a silently half-loaded model is the worst outcome)."""
     import mindspore as ms
 
-    expected = {p.name: p for p in net.get_parameters() if "mindpet_delta" not in p.name}
+    expected = {p.name: p for p in net.get_parameters() if ADAPTER_TAG not in p.name}
     missing = sorted(set(expected) - set(params))
     if missing:
         raise ModelError(f"{what}: lacks {len(missing)} parameter(s) the model needs, e.g. {missing[:3]}")
@@ -150,19 +124,6 @@ def load_weights(net, params: dict, what: str) -> None:
                                  for k, p in expected.items()}, strict_load=True)
 
 
-def save_checkpoint(params: list, path: str | Path) -> None:
-    """Write [(name, Parameter)] atomically: a temp file in the same folder, then rename."""
-    import mindspore as ms
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix != ".ckpt":
-        raise ModelError(f"checkpoint file names must end in .ckpt (MindSpore appends it otherwise): {path}")
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.ckpt")  # per process: msrun workers may race
-    ms.save_checkpoint([{"name": name, "data": p} for name, p in params], str(tmp))
-    tmp.replace(path)
-
-
 def count_params(net) -> dict[str, int]:
     """Base and adapter parameter counts. Tied embeddings share one Parameter, counted once."""
     seen, base, adapter, trainable = set(), 0, 0, 0
@@ -170,10 +131,22 @@ def count_params(net) -> dict[str, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        if "mindpet_delta" in p.name:
+        if ADAPTER_TAG in p.name:
             adapter += p.size
         else:
             base += p.size
         if p.requires_grad:
             trainable += p.size
     return {"base": base, "adapter": adapter, "trainable": trainable}
+
+
+def param_summary(counts: dict) -> dict:
+    """The seed reports trainable / base total (8.39M / 7.32B = 0.1146%); with the adapter in the
+    denominator the figure is slightly smaller."""
+    return {
+        "trainable_params": counts["trainable"],
+        "total_params": counts["base"],
+        "adapter_params": counts["adapter"],
+        "trainable_ratio_pct": 100.0 * counts["trainable"] / counts["base"],
+        "trainable_ratio_pct_with_adapter": 100.0 * counts["trainable"] / (counts["base"] + counts["adapter"]),
+    }

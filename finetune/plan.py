@@ -15,52 +15,18 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .errors import ConfigError
 from .launch import msrun_command, world_size
-from .schema import ConfigError
+from .layout import NORMS, dense_layers, module_param_counts
 
 # MindSpore reads max_device_memory="58GB" as 58 x 2^30 bytes (kGBToByte = 1024 << 20 in its
 # runtime), so every memory figure here is in that unit, to compare like with like.
 GB = 2 ** 30
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-NORMS = ("attention_norm", "ffn_norm")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}   # hardware.*_type are schema enums of these
 
 
 def _bytes_of(dtype: str, key: str) -> int:
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"{key}: expected one of {list(DTYPE_BYTES)}, got {dtype!r}")
-    return DTYPE_BYTES[dtype]
-
-
-def dense_layers(model_cfg) -> dict[str, tuple[int, int]]:
-    """The decoder layers' Linears of MindFormers' Llama as {cell name: (in_channels, out_channels)}
-    (lm_head, the other Linear, is counted apart). With GQA, wk/wv project to n_kv_heads x head_dim."""
-    h, ffn = model_cfg.hidden_size, model_cfg.intermediate_size
-    kv = (model_cfg.n_kv_heads or model_cfg.num_heads) * (h // model_cfg.num_heads)
-    shapes = {"attention.wq": (h, h), "attention.wk": (h, kv), "attention.wv": (h, kv), "attention.wo": (h, h),
-              "feed_forward.w1": (h, ffn), "feed_forward.w2": (ffn, h), "feed_forward.w3": (h, ffn)}
-    return {f"model.layers.{i}.{name}": shape for i in range(model_cfg.num_layers) for name, shape in shapes.items()}
-
-
-def module_param_counts(model_cfg, vocab_size: int | None) -> dict[str, int]:
-    """Parameters per cell of MindFormers' LlamaForCausalLM, keyed by its cell names (parameter
-    name minus .weight/.bias/.embedding_weight). vocab_size None (unknown): embedding and head
-    count 0. Tied embeddings: one Parameter, counted once under model.tok_embeddings."""
-    h, vocab = model_cfg.hidden_size, vocab_size or 0
-    counts = {"model.tok_embeddings": vocab * h}
-    for name, (n_in, n_out) in dense_layers(model_cfg).items():
-        bias = 0
-        if name.endswith(("wq", "wk", "wv")) and model_cfg.qkv_has_bias:
-            bias = n_out
-        if name.endswith("wo") and model_cfg.attn_proj_has_bias:
-            bias = n_out
-        counts[name] = n_in * n_out + bias
-    for i in range(model_cfg.num_layers):
-        for norm in NORMS:
-            counts[f"model.layers.{i}.{norm}"] = h
-    counts["model.norm_out"] = h
-    if not model_cfg.tie_word_embeddings:
-        counts["lm_head"] = vocab * h
-    return counts
+    return DTYPE_BYTES[str(dtype)]
 
 
 def lora_layers(model_cfg, target_modules: str) -> dict[str, tuple[int, int]]:
@@ -83,8 +49,6 @@ def lora_layers(model_cfg, target_modules: str) -> dict[str, tuple[int, int]]:
 
 def lora_param_count(model_cfg, lora_cfg) -> int:
     """rank x (in + out) per wrapped Linear: lora_a is [rank, in], lora_b is [out, rank]."""
-    if lora_cfg.rank < 1:
-        raise ConfigError(f"lora.rank: expected >= 1, got {lora_cfg.rank}")
     layers = lora_layers(model_cfg, lora_cfg.target_modules)
     if not layers:
         raise ConfigError(f"lora.target_modules={lora_cfg.target_modules!r} matches no layer mindformers.pet would "
@@ -97,7 +61,7 @@ def parse_memory(text: str | None) -> int | None:
     """'58GB' -> bytes (MindSpore's GB = 2^30); None = no limit (CPU)."""
     if text is None:
         return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*GB\s*", str(text))
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*GB\s*", str(text))   # the format is checked at start-up
     if not m or float(m.group(1)) <= 0:
         raise ConfigError(f"hardware.max_device_memory: expected a size like '58GB' (or null), got {text!r}")
     return int(float(m.group(1)) * GB)
@@ -216,10 +180,10 @@ def _group(name: str) -> str:
     return name.split(".")[-2]   # attention | feed_forward
 
 
-def plan(cfg, run_dir: Path, tracker) -> dict:
+def plan(ctx) -> dict:
     """The stage: count, estimate, print, write run_dir/plan.json, log to MLflow; ConfigError when
     the estimate does not fit hardware.max_device_memory (after writing and printing the plan)."""
-    run_dir = Path(run_dir)
+    cfg, run_dir, tracker = ctx.cfg, Path(ctx.run_dir), ctx.tracker
     vocab, vocab_source = resolve_vocab(cfg.model)
     counts = module_param_counts(cfg.model, vocab)
     total = sum(counts.values())

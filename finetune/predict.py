@@ -1,9 +1,10 @@
 """Stage `predict`: a file of questions in, answers out.
 
-Input (predict.input; default: the dataset's prepared eval split): an Alpaca JSON list ({instruction, input, output?}, optional id), or one
-MMLU/CMMLU CSV file (answer column optional). A record whose prompt ends in the style's answer
-cue ("Answer:" / "答案是：") is multiple choice: letter probabilities at the last position, as in
-evaluate. Any other record gets a greedy free-text answer (first line).
+Input (predict.input; default: the dataset's prepared eval split): an Alpaca JSON list ({instruction,
+input, output?}, optional id), or one MMLU/CMMLU CSV file (answer column optional). A record whose
+prompt ends in the style's answer cue ("Answer:" / "答案是：") is multiple choice: letter
+probabilities at the last position, scored as evaluate scores (finetune/scoring.py). Any other
+record gets a greedy free-text answer (first line).
 Model: the run's merged.ckpt when the merge stage wrote one, else base + adapter, else the base.
 Output: JSON Lines {id, prediction, probabilities?}; predict.format=npy also writes results.npy
 (predicted option index 0-3 per record, -1 for free text), the seed's submission format.
@@ -17,15 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
+from .adapter import MERGED_FILE, adapter_path
 from .data import prompts
-from .data.records import LETTERS, DataError, load_csv, make_question
-from .evaluate import letter_logits, letter_token_ids
+from .data.cmmlu import read_cmmlu_file
+from .data.mmlu import read_mmlu_file
+from .data.records import LETTERS, DataError
 from .generate import greedy_generate
-from .lora import adapter_path, apply_lora, load_adapter
-from .model import build_model, load_checkpoint
+from .lora import with_adapter
+from .model import load_model
+from .scoring import choose, letter_logits, letter_token_ids, probabilities_row
 from .squad import answer_text
-from .train import load_base
 
 log = logging.getLogger("finetune.predict")
 _CUES = {"mmlu": "Answer:", "cmmlu": "答案是："}
@@ -37,69 +39,50 @@ def read_predict_input(path: str | Path, style: str) -> list[dict]:
     if not path.is_file():
         raise DataError(f"predict.input: {path} not found")
     if path.suffix.lower() == ".csv":
-        return _read_csv(path, style)
+        subject = path.stem.removesuffix("_test").removesuffix("_val").removesuffix("_dev")
+        read = read_cmmlu_file if style == "cmmlu" else read_mmlu_file
+        return [{"id": str(row), "prompt": prompts.build_prompt(q, style)}
+                for row, q in enumerate(read(path, "input", subject, answer_required=False))]
     return [{"id": str(rec.get("id", i)), "prompt": prompts.alpaca_prompt(rec)}
             for i, rec in enumerate(prompts.read_alpaca_json(path, "predict.input", require_output=False))]
 
 
-def _read_csv(path: Path, style: str) -> list[dict]:
-    header = ("Question", "A", "B", "C", "D") if style == "cmmlu" else None
-    frame, lines = load_csv(path, header=header, width=None, what="question,A,B,C,D[,answer]")
-    if style == "cmmlu":
-        frame = frame[[c for c in ("Question", "A", "B", "C", "D") if c in frame.columns]]
-    elif frame.shape[1] not in (5, 6):
-        raise DataError(f"{path}:{lines[0]}: expected 5 or 6 columns (question,A,B,C,D[,answer]), "
-                        f"found {frame.shape[1]}")
-    subject = path.stem.removesuffix("_test").removesuffix("_val").removesuffix("_dev")
-    out = []
-    for row, (values, line) in enumerate(zip(frame.itertuples(index=False), lines)):
-        fields = [str(v) for v in values][:5] + ["A"]   # answer unknown/unused for prediction
-        q = make_question("predict", "input", subject, row, f"{path}:{line}", fields)
-        out.append({"id": str(row), "prompt": prompts.build_prompt(q, style)})
-    return out
-
-
-def predict(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
-    p = cfg.predict   # format was checked at start-up (app.validate)
+def predict(ctx) -> dict:
+    cfg, run_dir, tok = ctx.cfg, ctx.run_dir, ctx.tok
+    p = cfg.predict
     style = cfg.dataset.style
     # No input given: the prepared eval split (Alpaca JSON), i.e. predict on the dataset's test set.
-    source = p.input or prepared / "alpaca" / "eval.json"
+    source = p.input or ctx.prepared / "alpaca" / "eval.json"
     records = read_predict_input(source, style)
-    cue = _CUES[style]
-    is_mc = [r["prompt"].rstrip().endswith(cue) for r in records]
-    mc = [i for i, m in enumerate(is_mc) if m]
-    free = [i for i, m in enumerate(is_mc) if not m]
-
-    merged = run_dir / "merged.ckpt"
-    adapter = adapter_path(cfg, run_dir)
-    if merged.is_file() and not cfg.eval.adapter:   # the seed's flow: predict with the merged model
-        net = build_model(cfg.model, cfg.hardware, tok, p.batch_size, cfg.seed)
-        load_checkpoint(net, merged, what="merged model")
-        model_used = str(merged)
-    else:
-        net = load_base(cfg, tok, prepared, tracker, p.batch_size)
-        if adapter.is_file():
-            net = apply_lora(net, cfg.lora, run_dir / "mindformers")
-            load_adapter(net, adapter)
-            model_used = f"base + {adapter}"
-        else:
-            log.warning("predict: no adapter at %s; predicting with the base model", adapter)
-            model_used = "base"
-    t0 = time.perf_counter()
     seq = cfg.model.seq_length
     ids = [[tok.bos_id] + tok.encode(r["prompt"]) for r in records]
     too_long = [records[i]["id"] for i, x in enumerate(ids) if len(x) > seq]
     if too_long:
         raise DataError(f"{source}: {len(too_long)} record(s) longer than model.seq_length={seq} tokens, "
                         f"e.g. id {too_long[0]}")
+    cue = _CUES[style]
+    mc = [i for i, r in enumerate(records) if r["prompt"].rstrip().endswith(cue)]
+    free = [i for i, r in enumerate(records) if not r["prompt"].rstrip().endswith(cue)]
+
+    merged = run_dir / MERGED_FILE
+    adapter = adapter_path(cfg, run_dir)
+    if merged.is_file() and not cfg.eval.adapter:   # the seed's flow: predict with the merged model
+        net = load_model(cfg.model, cfg.hardware, tok, p.batch_size, merged, what="merged model")
+        model_used = str(merged)
+    elif adapter.is_file():
+        net = with_adapter(ctx.load_base(p.batch_size), adapter, cfg.lora, ctx.given, cfg.seed)
+        model_used = f"base + {adapter}"
+    else:
+        log.warning("predict: no adapter at %s; predicting with the base model", adapter)
+        net, model_used = ctx.load_base(p.batch_size), "base"
+    t0 = time.perf_counter()
     results: list[dict] = [{"id": r["id"]} for r in records]
     if mc:
-        logits = letter_logits(net, [ids[i] for i in mc], letter_token_ids(tok, style), p.batch_size, seq,
-                               tok.pad_id)
-        probs = metrics.letter_probabilities(logits)
+        logits = letter_logits(net, [ids[i] for i in mc], letter_token_ids(tok, style), p.batch_size, seq, tok.pad_id)
+        preds, probs = choose(logits)
         for k, i in enumerate(mc):
-            results[i]["prediction"] = LETTERS[int(np.argmax(logits[k]))]
-            results[i]["probabilities"] = dict(zip(LETTERS, np.round(probs[k], 6).tolist()))
+            results[i]["prediction"] = preds[k]
+            results[i]["probabilities"] = probabilities_row(probs[k])
     if free:
         outs = greedy_generate(net, [ids[i] for i in free], p.max_new_tokens, tok.eos_id, tok.pad_id, seq,
                                p.batch_size)

@@ -22,12 +22,11 @@ from .data import demo, prompts
 from .data.cmmlu import read_cmmlu
 from .data.mindrecord import encode_example, write_shards
 from .data.mmlu import read_mmlu
+from .data.prepared import CORPUS_FILE, META, SQUAD_FILE, TRAIN_RECORDS, load_meta
 from .data.records import DataError, Question
 from .tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger("finetune.prepare")
-
-SQUAD_FILE = "squad.json"   # the dataset's own SQuAD v1.1-layout reading set, when it has one
 
 # Bump when the prepared layout or prompt/tokenization logic changes, to invalidate caches.
 FORMAT_VERSION = 3   # 2: the demo's SQuAD-format reading set (squad.json); 3: general records mixed in
@@ -38,13 +37,8 @@ def read_questions(ds) -> tuple[dict[str, list[Question]], list[str], dict | Non
     """(split -> questions, base-training corpus, SQuAD-format reading set or None, general-ability
     Alpaca records to mix into training). Only the demo has a corpus and a reading set of its own;
     dataset.general.path gives any dataset general records (the demo can generate its own)."""
-    if ds.name == "demo":
-        if ds.demo is None:
-            raise DataError("dataset.demo: the demo dataset needs its settings (num_words, ...)")
+    if ds.name == "demo":   # the demo's settings and the other datasets' path: checked at start-up (checks.py)
         d = ds.demo
-        for key in ("num_practice", "num_reading", "squad_questions", "general_reading"):
-            if d[key] < 0:
-                raise DataError(f"dataset.demo.{key}: expected >= 0, got {d[key]}")
         world = demo.build_world(d.num_words, d.seed)
         docs = demo.corpus(world, d.seed, d.num_practice, d.num_reading)
         squad = demo.squad_dev(world, d.squad_questions, d.seed, avoid=demo.corpus_passages(docs)) \
@@ -53,10 +47,6 @@ def read_questions(ds) -> tuple[dict[str, list[Question]], list[str], dict | Non
         general = demo.reading_alpaca(world, d.general_reading, d.seed, avoid=dev_passages) \
             if d.general_reading and not ds.general.path else []
         return demo.questions(world, d.seed, d.test_fraction, d.dev_per_subject), docs, squad, general
-    if ds.name not in READERS:
-        raise DataError(f"dataset.name: expected one of demo, {', '.join(READERS)}; got {ds.name!r}")
-    if not ds.path:
-        raise DataError(f"dataset.path: required for dataset={ds.name} (folder with dev/ and test/)")
     return READERS[ds.name](ds.path), [], None, []
 
 
@@ -65,10 +55,8 @@ def general_records(ds, generated: list[dict], seed: int) -> list[dict]:
     generated ones), at most dataset.general.limit of them (a seeded sample, kept in file order)."""
     records = prompts.read_alpaca_json(ds.general.path, "dataset.general.path", require_output=True) \
         if ds.general.path else generated
-    limit = ds.general.limit
+    limit = ds.general.limit   # >= 0 or null (checks.py)
     if limit is not None:
-        if limit < 0:
-            raise DataError(f"dataset.general.limit: expected >= 0 or null, got {limit}")
         if len(records) > limit:
             keep = sorted(random.Random(seed).sample(range(len(records)), limit))
             records = [records[i] for i in keep]
@@ -95,10 +83,7 @@ def select_splits(ds, splits: dict[str, list[Question]], seed: int) -> dict[str,
         keep = set(ds.subjects)
         splits = {k: [q for q in v if q.subject in keep] for k, v in splits.items()}
     train, evalq = splits[ds.train_split], splits[ds.eval_split]
-    if ds.train_split == ds.eval_split:
-        if not 0.0 < ds.holdout_fraction < 1.0:
-            raise DataError(f"dataset.holdout_fraction: expected in (0, 1) when train_split == eval_split, "
-                            f"got {ds.holdout_fraction}")
+    if ds.train_split == ds.eval_split:   # holdout_fraction is in (0, 1) (checks.py)
         evalq = [q for q in train if _holdout(q, ds.holdout_fraction)]
         train = [q for q in train if not _holdout(q, ds.holdout_fraction)]
     if ds.max_train_questions is not None and len(train) > ds.max_train_questions:
@@ -147,7 +132,7 @@ def cache_dir(cfg, tok) -> Path:
 def prepare(cfg, tok) -> Path:
     """Build (or reuse) the prepared-data folder for this config; returns its path."""
     out = cache_dir(cfg, tok)
-    if (out / "meta.json").is_file():
+    if (out / META).is_file():
         log.info("prepared data: reusing %s", out)
         return out
     ds = cfg.dataset
@@ -181,10 +166,10 @@ def prepare(cfg, tok) -> Path:
             if general_long:
                 log.warning("prepare: %d of %d general records exceed model.seq_length=%d tokens and are left out",
                             general_long, len(general), cfg.model.seq_length)
-        (tmp / "mindrecord").mkdir()
-        write_shards(examples, tmp / "mindrecord" / "train.mindrecord", cfg.parallel.data_parallel)
+        (tmp / TRAIN_RECORDS).parent.mkdir()
+        write_shards(examples, tmp / TRAIN_RECORDS, cfg.parallel.data_parallel)
         if corpus:
-            (tmp / "corpus.json").write_text(json.dumps(corpus, ensure_ascii=False, indent=0), encoding="utf-8")
+            (tmp / CORPUS_FILE).write_text(json.dumps(corpus, ensure_ascii=False, indent=0), encoding="utf-8")
         if squad:
             (tmp / SQUAD_FILE).write_text(json.dumps(squad, ensure_ascii=False, indent=0), encoding="utf-8")
 
@@ -204,7 +189,7 @@ def prepare(cfg, tok) -> Path:
             "has_corpus": bool(corpus),
             "squad_questions": sum(len(p["qas"]) for a in squad["data"] for p in a["paragraphs"]) if squad else 0,
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         if out.exists():  # a half-built folder without meta.json from an older crash
             shutil.rmtree(out)
         tmp.rename(out)
@@ -215,16 +200,9 @@ def prepare(cfg, tok) -> Path:
     return out
 
 
-def dataset_squad(prepared: Path) -> Path | None:
-    """The dataset's own SQuAD-format reading set, if prepare wrote one (the demo does)."""
-    path = prepared / SQUAD_FILE
-    return path if path.is_file() else None
-
-
-def load_meta(prepared: Path) -> dict:
-    return json.loads((prepared / "meta.json").read_text(encoding="utf-8"))
-
-
-def load_questions(prepared: Path, name: str) -> list[Question]:
-    rows = json.loads((prepared / "questions" / f"{name}.json").read_text(encoding="utf-8"))
-    return [Question(**{**r, "choices": tuple(r["choices"])}) for r in rows]
+def prepare_stage(ctx) -> dict:
+    """The `prepare` stage's figures (the folder itself is built by app.run before any stage)."""
+    meta = load_meta(ctx.prepared)
+    return {"prepared_data": str(ctx.prepared), "dataset_rows": meta["dataset_rows"],
+            "train_questions": meta["train_questions"], "train_too_long": meta["train_too_long"],
+            "general_examples": meta["general_examples"], "eval_questions_total": meta["eval_questions"]}

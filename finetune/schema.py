@@ -7,17 +7,47 @@ value fails at start-up with the key's name, before any data is read or model is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-# Run order, whatever order `stages` lists them in. `plan` is a dry run (no weights, no data needed).
-class ConfigError(ValueError):
-    """A config value that the schema's types cannot rule out (one line naming the key)."""
+from .errors import ConfigError  # noqa: F401  (re-exported: the config's own error type)
 
 
-STAGES = ("plan", "prepare", "train", "evaluate", "merge", "predict", "export")
+class Choice(str, Enum):
+    """A fixed set of string values for a key. OmegaConf checks them when the config is composed:
+    `hardware.loss_scale.kind=dynamik` fails at once with "Invalid value 'dynamik', expected one
+    of [none, dynamic]" and the key. (str + Enum: a member equals its string; app.run hands the
+    stages plain strings.)"""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Stage(Choice):
+    # Run order, whatever order `stages` lists them in. `plan` is a dry run (no weights, no data needed).
+    plan = "plan"
+    prepare = "prepare"
+    train = "train"
+    evaluate = "evaluate"
+    merge = "merge"
+    predict = "predict"
+    export = "export"
+
+
+STAGES = tuple(s.value for s in Stage)
+DatasetName = Choice("DatasetName", {v: v for v in ("demo", "mmlu", "cmmlu")})
+PromptStyle = Choice("PromptStyle", {v: v for v in ("mmlu", "cmmlu")})
+TokenizerKind = Choice("TokenizerKind", {v: v for v in ("tiktoken", "sentencepiece")})
+OptimizerName = Choice("OptimizerName", {"adamw": "adamw"})
+DeviceTarget = Choice("DeviceTarget", {v: v for v in ("CPU", "Ascend")})
+ExecMode = Choice("ExecMode", {v: v for v in ("graph", "pynative")})
+DType = Choice("DType", {v: v for v in ("float32", "float16", "bfloat16")})
+LossScaleKind = Choice("LossScaleKind", {v: v for v in ("none", "dynamic")})
+Direction = Choice("Direction", {v: v for v in ("maximize", "minimize")})
+PredictFormat = Choice("PredictFormat", {v: v for v in ("jsonl", "npy")})
 
 
 @dataclass
@@ -43,9 +73,9 @@ class GeneralConfig:
 
 @dataclass
 class DatasetConfig:
-    name: str = MISSING            # demo | mmlu | cmmlu
+    name: DatasetName = MISSING
     path: Optional[str] = MISSING  # folder with dev/ test/ (val/) CSVs; null for the demo
-    style: str = "mmlu"            # prompt template: mmlu | cmmlu
+    style: PromptStyle = PromptStyle.mmlu   # prompt template
     train_split: str = "train"
     eval_split: str = "test"
     dev_split: str = "dev"         # k-shot examples
@@ -60,7 +90,7 @@ class DatasetConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "tiktoken"         # tiktoken | sentencepiece
+    kind: TokenizerKind = TokenizerKind.tiktoken
     path: Optional[str] = MISSING  # rank file / tokenizer.model; null = built-in demo encoding (tiktoken)
 
 
@@ -106,7 +136,7 @@ class LoraConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
+    name: OptimizerName = OptimizerName.adamw
     learning_rate: float = 5e-5
     beta1: float = 0.9
     beta2: float = 0.999
@@ -121,7 +151,6 @@ class ParallelConfig:
     data_parallel: int = 1
     model_parallel: int = 1
     pipeline_stage: int = 1
-    micro_batch_num: int = 1
     gradient_accumulation_steps: int = 1
     # Multi-node msrun keys: world size = data_parallel x model_parallel x pipeline_stage,
     # spread evenly over `nodes` machines; every node runs the same command with its node_rank.
@@ -134,7 +163,7 @@ class ParallelConfig:
 
 @dataclass
 class LossScaleConfig:
-    kind: str = "none"             # none | dynamic (needed for float16 compute)
+    kind: LossScaleKind = LossScaleKind.none   # dynamic: needed for float16 compute
     init_scale: float = 65536.0
     factor: float = 2.0
     window: int = 1000             # finite steps before the scale grows again
@@ -142,13 +171,13 @@ class LossScaleConfig:
 
 @dataclass
 class HardwareConfig:
-    device_target: str = "CPU"     # CPU | Ascend
-    mode: str = "graph"            # graph | pynative
-    compute_dtype: str = "float32"
-    param_init_type: str = "float32"
-    layernorm_compute_type: str = "float32"
-    softmax_compute_type: str = "float32"
-    rotary_dtype: str = "float32"
+    device_target: DeviceTarget = DeviceTarget.CPU
+    mode: ExecMode = ExecMode.graph
+    compute_dtype: DType = DType.float32
+    param_init_type: DType = DType.float32
+    layernorm_compute_type: DType = DType.float32
+    softmax_compute_type: DType = DType.float32
+    rotary_dtype: DType = DType.float32
     fused_rms_norm: bool = False   # Ascend kernel; CPU: "kernel RmsNorm unregistered"
     use_rope_slice: bool = True    # CPU needs the slice rotation (BatchMatMul broadcast error otherwise)
     use_flash_attention: bool = False
@@ -199,7 +228,7 @@ class ExportConfig:
 class SweepConfig:
     """How a multirun sweep picks its best child run (tagged on the parent MLflow run)."""
     objective: str = "mc_accuracy"
-    direction: str = "maximize"    # maximize | minimize
+    direction: Direction = Direction.maximize
     require_retained: bool = True  # skip children whose SQuAD retention failed (where measured)
 
 
@@ -216,7 +245,7 @@ class SquadConfig:
 class PredictConfig:
     input: Optional[str] = None    # Alpaca JSON list, or an MMLU/CMMLU CSV file; null = the eval split
     output: Optional[str] = None   # JSON Lines; null = <run dir>/predictions.jsonl
-    format: str = "jsonl"          # jsonl | npy (also writes results.npy: predicted option indices)
+    format: PredictFormat = PredictFormat.jsonl   # npy: also results.npy (predicted option indices)
     max_new_tokens: int = 32       # for free-text (non multiple-choice) records
     batch_size: int = 16
 
@@ -252,7 +281,8 @@ class Config:
     merge: MergeConfig = field(default_factory=MergeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    stages: list[str] = field(default_factory=lambda: ["prepare", "train", "evaluate", "merge", "predict"])
+    stages: list[Stage] = field(default_factory=lambda: [Stage.prepare, Stage.train, Stage.evaluate, Stage.merge,
+                                                          Stage.predict])
     seed: int = 0
     output_root: str = "outputs"   # data cache, base-model cache and the default MLflow store
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from . import metrics
 from .generate import greedy_generate
 
 log = logging.getLogger("finetune.squad")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import regex
 
+from .errors import TokenizerError
+
 # cl100k_base's split pattern: words keep their leading space, digits in groups of up to three.
 PAT_STR = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
            r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
@@ -21,10 +23,6 @@ PAT_STR = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s
 _PROMPT_TEXT = ("The following are multiple choice questions (with answers) about subject.\n\n"
                 "Question?\nA. a\nB. b\nC. c\nD. d\nAnswer: A B C D\n"
                 "以下是关于的单项选择题，请直接给出正确答案的选项。题目：答案是：")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file is missing or unusable."""
 
 
 class SentencePieceTokenizer:

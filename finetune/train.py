@@ -1,5 +1,5 @@
-"""Stage `train`: LoRA fine-tuning in MindSpore graph mode; also the full-parameter pretraining
-that gives the tiny demo model a base (cached).
+"""Stage `train`: LoRA fine-tuning in MindSpore graph mode. Also the jit step and the loop that
+the demo's base pretraining (finetune/base.py) runs.
 
 The step is `ms.value_and_grad` + optional `mindspore.amp.DynamicLossScaler` + global-norm
 clipping + MindFormers AdamW, each inside `@ms.jit`: `nn.TrainOneStepWithLossScaleCell` does not
@@ -7,32 +7,41 @@ run on CPU (NPUGetFloatStatusV2), while this form runs on CPU and Ascend alike.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from .adapter import ADAPTER_FILE, read_adapter, save_adapter, load_adapter
+from .checkpoints import add_to_index, newest_valid, save_steps
 from .data.mindrecord import read_shards
-from .lora import ADAPTER_FILE, apply_lora, save_adapter
-from .hf import is_hf_dir, load_hf_state, to_mindformers
-from .model import (ModelError, build_model, count_params, load_checkpoint, load_weights, save_checkpoint,
-                    vocab_size_for)
+from .errors import ModelError
+from .lora import apply_lora
+from .ckpt import read_checkpoint, save_checkpoint
+from .model import count_params, param_summary
 
 log = logging.getLogger("finetune.train")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which rows each optimizer step takes: batch_size x accumulation rows of this rank's shard
+    per step, `epochs` passes (capped at max_steps), batch order drawn from (seed, epoch)."""
+    batch_size: int
+    epochs: int
+    seed: int
+    accumulation: int = 1
+    max_steps: int | None = None
+    shuffle: bool = True
 
 
 def make_optimizer(params, opt_cfg, total_steps: int):
     from mindformers.core.lr import CosineWithWarmUpLR
     from mindformers.core.optim import AdamW
 
-    if opt_cfg.name != "adamw":
-        raise ModelError(f"optimizer.name: only 'adamw' is implemented, got {opt_cfg.name!r}")
     lr = CosineWithWarmUpLR(learning_rate=opt_cfg.learning_rate, warmup_ratio=opt_cfg.warmup_ratio,
                             total_steps=max(total_steps, 1))
     opt = AdamW(params, learning_rate=lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps,
@@ -57,11 +66,9 @@ def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int, wor
     import mindspore as ms
     from mindspore import amp, ops
 
-    scaler = None
+    scaler = None   # loss_scale.kind is a schema enum: none | dynamic
     if loss_scale.kind == "dynamic":
         scaler = amp.DynamicLossScaler(loss_scale.init_scale, int(loss_scale.factor), loss_scale.window)
-    elif loss_scale.kind != "none":
-        raise ModelError(f"hardware.loss_scale.kind: expected 'none' or 'dynamic', got {loss_scale.kind!r}")
 
     if scaler is None:
         def forward(x, y):
@@ -133,13 +140,13 @@ def optimizer_state(opt, scaler) -> list:
 def load_optimizer_state(state: list, path: Path) -> None:
     import mindspore as ms
 
-    saved = ms.load_checkpoint(str(path))
+    saved = read_checkpoint(path, "train.resume")
     missing = [name for name, _ in state if name not in saved]
     if missing:
         raise ModelError(f"train.resume: {path} lacks optimizer state {missing[:3]} "
                          f"(was it written with other optimizer/loss-scale settings?)")
     for name, p in state:
-        p.set_data(ms.Tensor(saved[name].asnumpy(), p.dtype))
+        p.set_data(ms.Tensor(saved[name], p.dtype))
 
 
 def total_steps(rows: int, rows_per_step: int, epochs: int, max_steps: int | None) -> int:
@@ -151,9 +158,8 @@ def total_steps(rows: int, rows_per_step: int, epochs: int, max_steps: int | Non
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "loss_scale")
 
 
-def run_steps(net, ids: np.ndarray, labels: np.ndarray, *, batch_size: int, epochs: int, accumulation: int,
-              max_steps: int | None, opt_cfg, hw, seed: int, shuffle: bool, pad_id: int, tracker, prefix: str,
-              desc: str, world: int = 1, log_file: Path | None = None, save_at=(), on_save=None,
+def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, opt_cfg, hw, pad_id: int, tracker,
+              prefix: str, desc: str, world: int = 1, log_file: Path | None = None, save_at=(), on_save=None,
               resume_state: tuple[int, Path] | None = None) -> dict:
     """The training loop shared by LoRA fine-tuning and base pretraining.
 
@@ -162,12 +168,13 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, *, batch_size: int, epoc
     optimizer_state(...); resume_state = (step, state file) continues after that step."""
     import mindspore as ms
 
+    batch_size, accumulation, seed = schedule.batch_size, schedule.accumulation, schedule.seed
     per_step = batch_size * accumulation
     steps_per_epoch = len(ids) // per_step
     if steps_per_epoch == 0:
         raise ModelError(f"train.batch_size={batch_size} x gradient_accumulation_steps={accumulation} is more "
                          f"than the {len(ids)} training examples (per device)")
-    total = total_steps(len(ids), per_step, epochs, max_steps)
+    total = total_steps(len(ids), per_step, schedule.epochs, schedule.max_steps)
     params = [p for p in net.get_parameters() if p.requires_grad]
     opt, lr_schedule = make_optimizer(params, opt_cfg, total)
     micro_step, full_step, scaler = make_step(net, opt, hw.loss_scale, opt_cfg.max_grad_norm, accumulation, world)
@@ -189,7 +196,7 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, *, batch_size: int, epoc
     for step in range(start + 1, total + 1):
         epoch, s = divmod(step - 1, steps_per_epoch)
         if epoch != order_epoch:
-            order, order_epoch = batch_order(steps_per_epoch, epoch, seed, shuffle), epoch
+            order, order_epoch = batch_order(steps_per_epoch, epoch, seed, schedule.shuffle), epoch
         k = int(order[s])
         t0 = time.perf_counter()
         loss_sum, step_tokens, scale = 0.0, 0, current_scale()
@@ -245,91 +252,13 @@ def _open_log(log_file: Path | None, start: int):
     return f
 
 
-def _pack_corpus(docs: list[str], tok, seq_length: int) -> np.ndarray:
-    """bos doc eos bos doc eos ... cut into rows of seq_length + 1 tokens (nanoGPT-style packing)."""
-    stream = []
-    for d in docs:
-        stream += [tok.bos_id] + tok.encode(d) + [tok.eos_id]
-    n = len(stream) // (seq_length + 1)
-    return np.asarray(stream[:n * (seq_length + 1)], np.int32).reshape(n, seq_length + 1)
-
-
-def base_cache_path(cfg, tok, corpus: list[str]) -> Path:
-    key = json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True),
-                      "hardware_dtype": cfg.hardware.param_init_type, "seed": cfg.seed, "tokenizer": tok.name,
-                      "vocab": vocab_size_for(cfg.model, tok),
-                      "corpus": hashlib.sha256("\n".join(corpus).encode()).hexdigest()}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(cfg.output_root).resolve() / "cache" / "base" / f"{cfg.model.name}-{digest}.ckpt"
-
-
-def load_base(cfg, tok, prepared: Path, tracker, batch_size: int):
-    """The base model: a checkpoint if model.checkpoint is set; otherwise random init from `seed`,
-    pretrained on the dataset's corpus when model.pretrain.epochs > 0 (cached by content hash)."""
-    net = build_model(cfg.model, cfg.hardware, tok, batch_size, cfg.seed)
-    if cfg.model.checkpoint:
-        load_base_weights(net, cfg)
-        return net
-    corpus_file = prepared / "corpus.json"
-    if cfg.model.pretrain.epochs <= 0 or not corpus_file.is_file():
-        log.warning("model: random init (no checkpoint%s); expect chance-level accuracy",
-                    "" if cfg.model.pretrain.epochs <= 0 else ", and this dataset has no text corpus to pretrain on")
-        return net
-    corpus = json.loads(corpus_file.read_text(encoding="utf-8"))
-    ckpt = base_cache_path(cfg, tok, corpus)
-    if ckpt.is_file():
-        log.info("base model: cached pretrained base %s", ckpt)
-        load_checkpoint(net, ckpt, what="base cache")
-        return net
-    pre = cfg.model.pretrain
-    rows = _pack_corpus(corpus, tok, cfg.model.seq_length)
-    log.info("base model: pretraining %s on %d corpus rows for %d epochs (cached afterwards)",
-             cfg.model.name, len(rows), pre.epochs)
-    opt_cfg = OmegaConf.merge(cfg.optimizer, {"learning_rate": pre.learning_rate})
-    stats = run_steps(net, rows, rows, batch_size=pre.batch_size, epochs=pre.epochs, accumulation=1, max_steps=None,
-                      opt_cfg=opt_cfg, hw=cfg.hardware, seed=cfg.seed, shuffle=True, pad_id=tok.pad_id,
-                      tracker=tracker, prefix="pretrain_", desc="pretrain base")
-    tracker.log_metrics({"pretrain_loss_last": stats["loss_last"]})
-    save_checkpoint([(p.name, p) for p in net.get_parameters()], ckpt)
-    # Rebuild from the cache, as a later run would: build_model re-seeds the global RNG, so the
-    # LoRA init (and dropout) that follow are the same whether or not this run pretrained.
-    net = build_model(cfg.model, cfg.hardware, tok, batch_size, cfg.seed)
-    load_checkpoint(net, ckpt, what="base cache")
-    return net
-
-
-def load_base_weights(net, cfg) -> None:
-    """model.checkpoint: a MindSpore .ckpt, or a Hugging Face folder (converted once, then the
-    converted .ckpt is cached under output_root/cache/converted and loads fast next time)."""
-    ckpt = Path(cfg.model.checkpoint)
-    if not is_hf_dir(ckpt):
-        load_checkpoint(net, ckpt)
-        return
-    h = hashlib.sha256()
-    for f in sorted(ckpt.iterdir()):
-        if f.is_file():
-            h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-    cached = Path(cfg.output_root).resolve() / "cache" / "converted" / f"{ckpt.name}-{h.hexdigest()[:12]}.ckpt"
-    if cached.is_file():
-        load_checkpoint(net, cached, what="converted checkpoint")
-        return
-    state = to_mindformers(load_hf_state(ckpt), cfg.model.num_layers, cfg.model.tie_word_embeddings)
-    load_weights(net, state, f"model.checkpoint {ckpt}")
-    save_checkpoint([(p.name, p) for p in net.get_parameters() if "mindpet_delta" not in p.name], cached)
-    log.info("model: converted %s -> %s", ckpt, cached)
-
-
-def train(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
+def train(ctx) -> dict:
     """LoRA-train on this rank's MindRecord shard; rank 0 saves run_dir/adapter.ckpt and the
     evenly spaced checkpoints (run_dir/checkpoints/) that merge and resume read."""
-    from .checkpoints import add_to_index, newest_valid, save_steps
-    from .launch import rank
-    from .lora import load_adapter
-
-    dp, r = cfg.parallel.data_parallel, rank()
-    ids, labels = read_shards(prepared / "mindrecord" / "train.mindrecord", num_shards=dp, shard_id=r)
-    net = load_base(cfg, tok, prepared, tracker, cfg.train.batch_size)
-    net = apply_lora(net, cfg.lora, run_dir / "mindformers")
+    cfg, run_dir, r = ctx.cfg, ctx.run_dir, ctx.rank
+    dp = cfg.parallel.data_parallel
+    ids, labels = read_shards(ctx.prepared / "mindrecord" / "train.mindrecord", num_shards=dp, shard_id=r)
+    net = apply_lora(ctx.load_base(cfg.train.batch_size), cfg.lora, cfg.seed)
     counts = count_params(net)
     log.info("trainable %s of %s base parameters (%.4f%%)", f"{counts['trainable']:,}", f"{counts['base']:,}",
              100 * counts["trainable"] / counts["base"])
@@ -341,12 +270,20 @@ def train(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
         if entry is None:
             raise ModelError(f"train.resume: no usable checkpoint in {ckpt_dir} (point hydra.run.dir at the "
                              f"interrupted run's folder)")
-        load_adapter(net, ckpt_dir / entry["adapter"])
+        _, meta = read_adapter(ckpt_dir / entry["adapter"], "train.resume")
+        mine = {"rank": int(cfg.lora.rank), "alpha": float(cfg.lora.alpha), "target_modules": cfg.lora.target_modules}
+        differ = [f"lora.{k}={mine[k]} (checkpoint: {meta[k]})" for k in mine
+                  if meta[k] is not None and meta[k] != mine[k]]
+        if differ:
+            raise ModelError(f"train.resume: the checkpoint was trained with other LoRA settings: {', '.join(differ)}")
+        load_adapter(net, ckpt_dir / entry["adapter"], "train.resume")
         resume_state = (entry["step"], ckpt_dir / entry["state"])
-        tracker.set_tags({"resumed_from_step": entry["step"]})
+        ctx.tracker.set_tags({"resumed_from_step": entry["step"]})
 
-    accumulation = cfg.parallel.gradient_accumulation_steps
-    total = total_steps(len(ids), cfg.train.batch_size * accumulation, cfg.train.epochs, cfg.train.max_steps)
+    schedule = Schedule(batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, seed=cfg.seed,
+                        accumulation=cfg.parallel.gradient_accumulation_steps, max_steps=cfg.train.max_steps,
+                        shuffle=cfg.train.shuffle)
+    total = total_steps(len(ids), schedule.batch_size * schedule.accumulation, schedule.epochs, schedule.max_steps)
     save_at = save_steps(total, cfg.train.save.num_checkpoints)
 
     def on_save(step: int, state: list) -> None:
@@ -356,13 +293,11 @@ def train(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
         save_adapter(net, files["adapter"])
         save_checkpoint(state, files["state"])
         add_to_index(ckpt_dir, step, files)
-        tracker.log_metrics({"checkpoint_step": step}, step=step)
-        tracker.log_artifact(files["adapter"], "checkpoints")
+        ctx.tracker.log_metrics({"checkpoint_step": step}, step=step)
+        ctx.tracker.log_artifact(files["adapter"], "checkpoints")
 
-    stats = run_steps(net, ids, labels, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs,
-                      accumulation=accumulation, max_steps=cfg.train.max_steps, opt_cfg=cfg.optimizer,
-                      hw=cfg.hardware, seed=cfg.seed, shuffle=cfg.train.shuffle, pad_id=tok.pad_id,
-                      tracker=tracker, prefix="train_", desc="LoRA train", world=dp,
+    stats = run_steps(net, ids, labels, schedule, opt_cfg=cfg.optimizer, hw=cfg.hardware, pad_id=ctx.tok.pad_id,
+                      tracker=ctx.tracker, prefix="train_", desc="LoRA train", world=dp,
                       log_file=run_dir / "train_log.csv" if r == 0 else None, save_at=save_at, on_save=on_save,
                       resume_state=resume_state)
     if r == 0:
@@ -376,7 +311,7 @@ def train(cfg, run_dir: Path, tok, prepared: Path, tracker) -> dict:
         "train_steps_this_run": stats["steps_this_run"],
         "train_overflow_steps": stats["overflow_steps"],
         "train_examples": int(len(ids)) * dp,
-        "train_global_batch": cfg.train.batch_size * accumulation * dp,
+        "train_global_batch": cfg.train.batch_size * schedule.accumulation * dp,
         "checkpoints": len(save_at),
         "adapter": str(run_dir / ADAPTER_FILE),
         **param_summary(counts),
@@ -387,15 +322,3 @@ def _logged_losses(log_file: Path) -> list[float]:
     if not log_file.is_file():
         return []
     return [float(line.split(",")[1]) for line in log_file.read_text().splitlines()[1:]]
-
-
-def param_summary(counts: dict) -> dict:
-    """The seed reports trainable / base total (8.39M / 7.32B = 0.1146%); with the adapter in the
-    denominator the figure is slightly smaller."""
-    return {
-        "trainable_params": counts["trainable"],
-        "total_params": counts["base"],
-        "adapter_params": counts["adapter"],
-        "trainable_ratio_pct": 100.0 * counts["trainable"] / counts["base"],
-        "trainable_ratio_pct_with_adapter": 100.0 * counts["trainable"] / (counts["base"] + counts["adapter"]),
-    }

@@ -18,10 +18,16 @@ def read_cmmlu(path: str | Path) -> dict[str, list[Question]]:
         files = split_files(root, split, "<subject>.csv", required=split != "val")
         if files is None:
             continue
-        questions = []
-        for f in sorted(files, key=lambda f: f.stem):
-            df, lines = load_csv(f, header=COLUMNS, width=None, what=",Question,A,B,C,D,Answer")
-            for row, (values, line) in enumerate(zip(df[list(COLUMNS)].itertuples(index=False), lines)):
-                questions.append(make_question("cmmlu", split, f.stem, row, f"{f}:{line}", values))
-        out[split] = questions
+        out[split] = [q for f in sorted(files, key=lambda f: f.stem) for q in read_cmmlu_file(f, split, f.stem)]
     return out
+
+
+def read_cmmlu_file(f: Path, split: str, subject: str, answer_required: bool = True) -> list[Question]:
+    """One CMMLU CSV. answer_required=False (predict's input): the Answer column is optional and
+    not read; such questions carry the placeholder answer 'A', which nothing reads."""
+    columns = COLUMNS if answer_required else COLUMNS[:-1]
+    df, lines = load_csv(f, header=columns, width=None, what=",Question,A,B,C,D,Answer")
+    answers = df["Answer"] if answer_required else ["A"] * len(df)
+    return [make_question("cmmlu", split, subject, row, f"{f}:{line}", [*values, answer])
+            for row, (values, answer, line) in enumerate(zip(df[list(COLUMNS[:-1])].itertuples(index=False),
+                                                               answers, lines))]

@@ -18,15 +18,22 @@ def read_mmlu(path: str | Path) -> dict[str, list[Question]]:
         files = split_files(root, split, f"<subject>_{split}.csv", required=split != "val")
         if files is None:
             continue
-        questions = []
         # Sort by subject, not file name: "x_dev.csv" vs "x_y_dev.csv" order can differ.
-        for f in sorted(files, key=lambda f: _subject(f, split)):
-            subject = _subject(f, split)
-            df, lines = load_csv(f, header=None, width=6, what=_WHAT)
-            for row, (values, line) in enumerate(zip(df.itertuples(index=False), lines)):
-                questions.append(make_question("mmlu", split, subject, row, f"{f}:{line}", values))
-        out[split] = questions
+        out[split] = [q for f in sorted(files, key=lambda f: _subject(f, split))
+                      for q in read_mmlu_file(f, split, _subject(f, split))]
     return out
+
+
+def read_mmlu_file(f: Path, split: str, subject: str, answer_required: bool = True) -> list[Question]:
+    """One MMLU CSV. answer_required=False (predict's input) also takes 5 columns; the answer, if
+    any, is then not read: such questions carry the placeholder answer 'A', which nothing reads."""
+    df, lines = load_csv(f, header=None, width=None if not answer_required else 6, what=_WHAT)
+    if df.shape[1] not in ((6,) if answer_required else (5, 6)):
+        raise DataError(f"{f}:{lines[0]}: expected {'6' if answer_required else '5 or 6'} columns "
+                        f"({_WHAT if answer_required else 'question,A,B,C,D[,answer]'}), found {df.shape[1]}")
+    return [make_question("mmlu", split, subject, row, f"{f}:{line}",
+                          list(values) if answer_required else [*list(values)[:5], "A"])
+            for row, (values, line) in enumerate(zip(df.itertuples(index=False), lines))]
 
 
 def _subject(f: Path, split: str) -> str:

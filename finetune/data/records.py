@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..errors import DataError  # noqa: F401  (re-exported: the readers' error type)
+
 log = logging.getLogger("finetune.data")
 
 LETTERS = ("A", "B", "C", "D")
@@ -27,10 +29,6 @@ class Question:
     choices: tuple[str, str, str, str]  # texts of A, B, C, D
     answer: str  # one of LETTERS
     source: str  # "path/to/file.csv:LINE", LINE = 1-based editor line where the row starts
-
-
-class DataError(ValueError):
-    """Bad input data; the message is one line naming the file (and line) and what was expected."""
 
 
 def read_text(path: str | Path) -> str:

@@ -1,0 +1,81 @@
+"""Multiple-choice scoring shared by evaluate and predict: the logits of the answer letters at the
+last prompt position, and what follows from them (predicted letter, probabilities)."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import metrics
+from .data import prompts
+from .data.records import LETTERS, Question
+from .errors import ModelError
+
+
+def letter_token_ids(tok, style: str) -> list[int]:
+    """Token ids of the four answer targets (" A".." D" for mmlu, "A".."D" for cmmlu). Each must
+    be a single token, or last-position scoring would compare the wrong things."""
+    ids = []
+    for letter in LETTERS:
+        q = Question(id="", subject="", question="", choices=("", "", "", ""), answer=letter, source="")
+        t = tok.encode(prompts.target(q, style))
+        if len(t) != 1:
+            raise ModelError(f"tokenizer {tok.name}: answer {prompts.target(q, style)!r} is {len(t)} tokens, "
+                             f"expected 1 for letter scoring (dataset.style={style})")
+        ids.append(t[0])
+    return ids
+
+
+def build_eval_prompts(questions: list[Question], dev: list[Question], style: str, num_shots: int, tok,
+                       seq_length: int) -> tuple[list[list[int]], dict]:
+    """Token ids per question: [bos] + k-shot prompt. Shots are the subject's first dev questions;
+    when a prompt does not fit, shots are dropped one at a time, and a zero-shot prompt that
+    still does not fit keeps its last seq_length tokens (the question end, where scoring happens)."""
+    by_subject: dict[str, list[Question]] = {}
+    for q in dev:
+        by_subject.setdefault(q.subject, []).append(q)
+    out, fewer_shots, truncated = [], 0, 0
+    for q in questions:
+        shots = by_subject.get(q.subject, [])[:num_shots]
+        while True:
+            ids = [tok.bos_id] + tok.encode(prompts.build_prompt(q, style, shots))
+            if len(ids) <= seq_length or not shots:
+                break
+            shots = shots[:-1]
+        if len(shots) < min(num_shots, len(by_subject.get(q.subject, []))):
+            fewer_shots += 1
+        if len(ids) > seq_length:
+            ids = ids[-seq_length:]
+            truncated += 1
+        out.append(ids)
+    return out, {"eval_fewer_shots": fewer_shots, "eval_truncated": truncated}
+
+
+def letter_logits(net, token_lists: list[list[int]], letter_ids: list[int], batch_size: int, seq_length: int,
+                  pad_id: int) -> np.ndarray:
+    """[N, 4] logits of the letter tokens at each prompt's last position.
+
+    Every batch has the same shape [batch_size, seq_length] (right-padded; the last batch filled
+    with padding rows), so graph mode compiles once; with causal attention, padding after a
+    prompt cannot change the logits at its last position."""
+    import mindspore as ms
+
+    net.set_train(False)
+    out = np.zeros((len(token_lists), len(letter_ids)), np.float32)
+    for start in range(0, len(token_lists), batch_size):
+        chunk = token_lists[start:start + batch_size]
+        x = np.full((batch_size, seq_length), pad_id, np.int32)
+        for i, ids in enumerate(chunk):
+            x[i, :len(ids)] = ids
+        logits = net(ms.Tensor(x))[0].asnumpy()  # eval mode: (logits [B, S, V], tokens, mask)
+        for i, ids in enumerate(chunk):
+            out[start + i] = logits[i, len(ids) - 1, letter_ids]
+    return out
+
+
+def choose(logits: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(predicted letter per row, [N, 4] probabilities) from letter logits."""
+    return metrics.mc_predictions(logits), metrics.letter_probabilities(logits)
+
+
+def probabilities_row(probs: np.ndarray) -> dict[str, float]:
+    """{'A': p, ...} rounded to 6 digits, as written to eval_predictions.jsonl and predictions.jsonl."""
+    return dict(zip(LETTERS, np.round(probs, 6).tolist()))
