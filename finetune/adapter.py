@@ -107,6 +107,16 @@ def lora_settings(meta: dict, lora_cfg, given: frozenset[str] = frozenset(), pat
     return out
 
 
+def check_run_adapter(cfg, run_dir, given: frozenset[str]) -> None:
+    """At start-up: the adapter that evaluate / merge / predict / export will use (when it exists and
+    this run does not train a new one) must be readable and agree with any `lora.*` override."""
+    if "train" in cfg.stages or not {"evaluate", "merge", "predict", "export"} & set(cfg.stages):
+        return
+    path = adapter_path(cfg, run_dir)
+    if path.is_file():
+        lora_settings(read_adapter(path, "eval.adapter")[1], cfg.lora, given, path)
+
+
 def load_adapter(net, path, what: str = "eval.adapter") -> None:
     """Copy an adapter's tensors into a LoRA-wrapped net; names and shapes must match exactly."""
     import mindspore as ms

@@ -21,10 +21,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .adapter import check_run_adapter
 from .base import resolve_base
 from .checks import check_input_files, resolve
 from .context import RunContext
-from .errors import UserError
+from .errors import LaunchError, UserError
 from .evaluate import evaluate
 from .export import export
 from .launch import init_worker, is_worker, launch, rank, world_size
@@ -32,13 +33,13 @@ from .logs import quiet_libraries
 from .merge import merge
 from .model import setup_context
 from .plan import plan
-from .predict import predict
+from .predict import predict, read_predict_input
 from .prepare import prepare, prepare_stage
 from .report import write_report
 from .schema import STAGES as STAGE_ORDER, register
 from .tokenizer import load_tokenizer
 from .tracking import Tracker, flatten, resolve_uri
-from .train import train
+from .train import resume_point, train
 
 log = logging.getLogger("finetune")
 register()
@@ -64,11 +65,12 @@ def given_keys() -> frozenset[str]:
     return frozenset(o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
 
 
-def artifacts(cfg, tracker) -> tuple:
+def artifacts(cfg, tracker, run_dir: Path, verbose: bool) -> tuple:
     """(tokenizer, prepared-data folder, base checkpoint, how the base was obtained), built once per
     job; (None, None, None, None) for a plan-only run, which needs no data or weights."""
     if list(cfg.stages) == ["plan"]:
         return None, None, None, None
+    quiet_libraries(run_dir, rank(), verbose)   # before MindFormers is first imported
     tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
     setup_context(cfg.hardware, cfg.seed)
     prepared = prepare(cfg, tok)
@@ -76,17 +78,36 @@ def artifacts(cfg, tracker) -> tuple:
     return tok, prepared, base, how
 
 
-def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset()) -> dict:
-    """Run cfg.stages in order; returns this run's summary (also written to run_dir/summary.json)."""
+def start_up_checks(cfg, run_dir: Path, given: frozenset[str]) -> None:
+    """What can be checked before any data is prepared or model built: input files exist and parse,
+    the adapter a stage will use agrees with any lora.* override, a resume has a checkpoint to
+    resume from with the same LoRA settings."""
+    check_input_files(cfg)
+    if "predict" in cfg.stages and cfg.predict.input:
+        read_predict_input(cfg.predict.input, cfg.dataset.style)   # one line naming the record, not after training
+    check_run_adapter(cfg, run_dir, given)
+    if "train" in cfg.stages and cfg.train.resume:
+        resume_point(cfg, run_dir)
+
+
+def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), verbose: bool = False) -> dict:
+    """Run cfg.stages in order; returns this run's summary (also written to run_dir/summary.json).
+    verbose: MindFormers' own log lines on the terminal too (hydra.verbose=true)."""
     cfg = resolve(cfg)                # checked, HF config.json applied, read-only
     run_dir = Path(run_dir)
     if world_size(cfg.parallel) > 1 and not is_worker() and list(cfg.stages) != ["plan"]:
-        artifacts(cfg, Tracker())     # once, here: the workers find data and base in the cache
-        return launch(cfg, run_dir)   # msrun workers re-enter run(); rank 0 tracks and writes the summary
+        start_up_checks(cfg, run_dir, given)
+        artifacts(cfg, Tracker(), run_dir, verbose)   # once, here: the workers find data and base in the cache
+        try:
+            return launch(cfg, run_dir)   # msrun workers re-enter run(); rank 0 tracks and writes the summary
+        except LaunchError as e:
+            if cfg.parallel.node_rank == 0:
+                mark_failed(run_dir / "summary.json", e)
+            raise
     worker_rank = init_worker(cfg.hardware, cfg.seed) if is_worker() else 0
     run_dir.mkdir(parents=True, exist_ok=True)
     if worker_rank != 0:
-        tok, prepared, base, _ = artifacts(cfg, Tracker())
+        tok, prepared, base, _ = artifacts(cfg, Tracker(), run_dir, verbose)
         train(RunContext(cfg, run_dir, prepared, base, tok, Tracker(), worker_rank, given))
         return {}
     output_root = Path(cfg.output_root).resolve()
@@ -100,17 +121,18 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset()) -> 
     summary = {"status": "RUNNING", "stages": list(cfg.stages), "mlflow_run_id": tracker.run_id, "mlflow_uri": uri,
                "run_dir": str(run_dir), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "runs": earlier_runs(summary_path)}
+    write_json(summary_path, summary)   # RUNNING: a run killed outright (SIGKILL) is not mistaken for an earlier one
     status = "FAILED"
     # SIGTERM (a scheduler's or `kill`'s stop) ends the run like Ctrl-C: status KILLED in summary.json
     # and MLflow, instead of a run left RUNNING forever by a process that died without cleanup.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) \
         if threading.current_thread() is threading.main_thread() else None
     try:
-        check_input_files(cfg)
+        start_up_checks(cfg, run_dir, given)
         tracker.log_params(flatten(OmegaConf.to_container(cfg)))
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg))
         t0 = time.time()
-        tok, prepared, base, how = artifacts(cfg, tracker)
+        tok, prepared, base, how = artifacts(cfg, tracker, run_dir, verbose)
         if base is not None:
             summary.update(base_checkpoint=str(base), base_source=how)
             tracker.set_tags({"base_checkpoint": str(base), "base_source": how})
@@ -144,6 +166,25 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset()) -> 
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return summary
+
+
+def mark_failed(summary_path: Path, error: Exception) -> None:
+    """A data-parallel job whose worker died: rank 0 may have been killed before it could record
+    anything, so the launcher marks the run FAILED in summary.json and in MLflow itself."""
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"runs": earlier_runs(summary_path)}
+    if summary.get("status") in ("FINISHED", "FAILED"):
+        return   # rank 0 got as far as recording the end itself
+    summary.update(status="FAILED", error=str(error)[:1000])
+    write_json(summary_path, summary)
+    if summary.get("mlflow_run_id") and summary.get("mlflow_uri"):
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(summary["mlflow_uri"])
+            client.set_tag(summary["mlflow_run_id"], "error", str(error)[:1000])
+            client.set_terminated(summary["mlflow_run_id"], status="FAILED")
+        except Exception as e:   # the tracking store is not what failed; say so and keep the original error
+            log.warning("could not mark MLflow run %s FAILED: %s", summary["mlflow_run_id"], e)
 
 
 def earlier_runs(summary_path: Path) -> list[dict]:
@@ -190,9 +231,8 @@ def main(cfg: DictConfig) -> float | None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = in_multirun()
-    quiet_libraries(run_dir, rank(), verbose=bool(HydraConfig.get().verbose))
     try:
-        summary = run(cfg, run_dir, given_keys())
+        summary = run(cfg, run_dir, given_keys(), verbose=bool(HydraConfig.get().verbose))
     except UserError as e:
         # Known bad input or a failed worker: one line, no traceback (the MLflow run, if one was
         # opened, is marked FAILED).

@@ -5,7 +5,8 @@ MindFormers logs through a logger named after its output folder (the LOCAL_DEFAU
 `mindformers<path>/log`, created on first use with a stdout handler at INFO and its own files
 (<path>/log/rank_N/info.log, error.log). So the variable is set once per job, before MindFormers is
 first imported, and that logger's terminal handler is turned off; its files keep every line.
-MindSpore's C++ log is at errors only (GLOG_v=3, finetune/__init__.py).
+mindpet (mindformers.pet's LoRA) logs "[SDK] ..." lines to stdout the same way; its own files keep
+them. MindSpore's C++ log is at errors only (GLOG_v=3, finetune/__init__.py).
 """
 from __future__ import annotations
 
@@ -35,9 +36,11 @@ def quiet_libraries(run_dir: Path, rank: int = 0, verbose: bool = False) -> Path
         from mindformers.tools.logger import get_logger
 
         get_logger()   # the logger for this folder, created now so its handlers can be turned down
-    for name, lg in list(logging.Logger.manager.loggerDict.items()):
-        if name.startswith("mindformers") and isinstance(lg, logging.Logger):
-            for h in lg.handlers:
-                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                    h.setLevel(OFF)
+        from mindpet.log import log as pet_log   # mindformers.pet's "[SDK] Start to freeze model" lines
+    loggers = [lg for name, lg in logging.Logger.manager.loggerDict.items()
+               if name.startswith("mindformers") and isinstance(lg, logging.Logger)]
+    for lg in loggers + [pet_log.logger, pet_log.operation_logger]:
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setLevel(OFF)
     return folder

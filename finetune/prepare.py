@@ -190,14 +190,26 @@ def prepare(cfg, tok) -> Path:
             "squad_questions": sum(len(p["qas"]) for a in squad["data"] for p in a["paragraphs"]) if squad else 0,
         }
         (tmp / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        if out.exists():  # a half-built folder without meta.json from an older crash
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-built folder behind
         raise
     log.info("prepared data: %s (%d training examples, %d eval questions)", out, len(examples), len(chosen["eval"]))
     return out
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place. Another job may have published the same content first
+    (same cache key): then its folder is kept, never deleted under its readers, and ours discarded.
+    A folder without meta.json is an older crash's leftover and is replaced."""
+    if out.exists() and not (out / META).is_file():
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not (out / META).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare_stage(ctx) -> dict:

@@ -226,8 +226,9 @@ def write_report(run_dir: Path, summary: dict, tracker) -> list[Path]:
         attempt("accuracy.png", lambda: plot_accuracy(rows, run_dir / "accuracy.png"))
     else:
         skipped.append("per_subject_accuracy.csv, accuracy.png (no evaluation in this run)")
+    trained = "train" in summary.get("stages", ["train"])   # an earlier run's train_log.csv is not this run's
     try:
-        curves = read_train_log(run_dir / "train_log.csv")
+        curves = read_train_log(run_dir / "train_log.csv") if trained else {}
     except Exception as e:
         curves = None
         skipped.append(f"curves.png (train_log.csv unreadable: {type(e).__name__}: {e})")
@@ -247,9 +248,9 @@ def write_report(run_dir: Path, summary: dict, tracker) -> list[Path]:
     try:
         for path in made:
             tracker.log_artifact(path, ARTIFACT_DIR)
-        adapter = Path(summary.get("adapter") or run_dir / "adapter.ckpt")
-        tracker.log_artifact(adapter, "adapter")                      # absent files are skipped
-        tracker.log_artifact(run_dir / "mindformers" / "adapter_config.json", "adapter")
+        if summary.get("adapter"):   # written by this run's train stage
+            tracker.log_artifact(Path(summary["adapter"]), "adapter")
+            tracker.log_artifact(run_dir / "mindformers" / "adapter_config.json", "adapter")
         for key in ("predict_output", "predict_results_npy"):
             if summary.get(key):
                 tracker.log_artifact(Path(summary[key]), "predictions")

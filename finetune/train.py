@@ -266,16 +266,7 @@ def train(ctx) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     resume_state = None
     if cfg.train.resume:
-        entry = newest_valid(ckpt_dir)
-        if entry is None:
-            raise ModelError(f"train.resume: no usable checkpoint in {ckpt_dir} (point hydra.run.dir at the "
-                             f"interrupted run's folder)")
-        _, meta = read_adapter(ckpt_dir / entry["adapter"], "train.resume")
-        mine = {"rank": int(cfg.lora.rank), "alpha": float(cfg.lora.alpha), "target_modules": cfg.lora.target_modules}
-        differ = [f"lora.{k}={mine[k]} (checkpoint: {meta[k]})" for k in mine
-                  if meta[k] is not None and meta[k] != mine[k]]
-        if differ:
-            raise ModelError(f"train.resume: the checkpoint was trained with other LoRA settings: {', '.join(differ)}")
+        entry = resume_point(cfg, run_dir)
         load_adapter(net, ckpt_dir / entry["adapter"], "train.resume")
         resume_state = (entry["step"], ckpt_dir / entry["state"])
         ctx.tracker.set_tags({"resumed_from_step": entry["step"]})
@@ -316,6 +307,22 @@ def train(ctx) -> dict:
         "adapter": str(run_dir / ADAPTER_FILE),
         **param_summary(counts),
     }
+
+
+def resume_point(cfg, run_dir: Path) -> dict:
+    """train.resume=true: the newest checkpoint in run_dir/checkpoints whose files verify, which must
+    have been trained with the same LoRA settings (checked at start-up, and again by the stage)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    entry = newest_valid(ckpt_dir)
+    if entry is None:
+        raise ModelError(f"train.resume: no usable checkpoint in {ckpt_dir} (point hydra.run.dir at the "
+                         f"interrupted run's folder)")
+    _, meta = read_adapter(ckpt_dir / entry["adapter"], "train.resume")
+    mine = {"rank": int(cfg.lora.rank), "alpha": float(cfg.lora.alpha), "target_modules": cfg.lora.target_modules}
+    differ = [f"lora.{k}={mine[k]} (checkpoint: {meta[k]})" for k in mine if meta[k] is not None and meta[k] != mine[k]]
+    if differ:
+        raise ModelError(f"train.resume: the checkpoint was trained with other LoRA settings: {', '.join(differ)}")
+    return entry
 
 
 def _logged_losses(log_file: Path) -> list[float]:

@@ -1,5 +1,19 @@
-"""Shared test fixtures. `import finetune` first: it selects the protobuf backend MindSpore needs."""
+"""Shared test fixtures and helpers. `import finetune` first: it selects the protobuf backend MindSpore needs.
+
+- `shared` / `shared_path`: real data in ../shared, read in place. Absent: skipped with a message,
+  except under CI (CI=true), where its absence fails the test.
+- QUICK: the one list of overrides for a quick demo job (small world, 1-epoch base); tests add
+  only what they are about.
+- `quick_root`: an output_root whose cache already holds the QUICK base (pretrained once per
+  session) and whose MLflow store exists; tests run `finetune` jobs in it with their own run dirs.
+- `run_finetune` / `start_finetune`: the `finetune` command as a subprocess in its own process
+  group, killed with everything it started (msrun workers) if the test fails or times out.
+"""
 import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import finetune  # noqa: F401
@@ -8,21 +22,29 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CONF = REPO / "conf"
+FINETUNE = str(Path(sys.executable).with_name("finetune"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# A small demo world (96 training questions, 24 test), a base pretrained for one epoch (~10 s),
+# no reading texts in the corpus. Every test that runs `finetune` starts from this list.
+QUICK = ["model.pretrain.epochs=1", "dataset.demo.num_words=40", "dataset.demo.num_reading=0",
+         "dataset.demo.general_reading=0", "dataset.demo.squad_questions=0"]
 
 
 def shared_path(*parts: str) -> Path:
-    """A path under ../shared, or skip the test saying what is missing."""
+    """A path under ../shared, or skip the test saying what is missing (fail under CI)."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"../shared not found: {path} is missing (real data and models live there, read in place)")
+        message = f"../shared not found: {path} is missing (real data and models live there, read in place)"
+        if IN_CI:
+            pytest.fail(message + "; CI=true requires it")
+        pytest.skip(message)
     return path
 
 
 @pytest.fixture(scope="session")
 def shared() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"../shared not found at {SHARED}: the real MMLU/CMMLU/tokenizer files live there")
-    return SHARED
+    return shared_path()
 
 
 def compose(overrides=()):
@@ -35,6 +57,13 @@ def compose(overrides=()):
         return hydra_compose("config", overrides=list(overrides))
 
 
+def resolved(overrides=()):
+    """compose + finetune.checks.resolve: the read-only config the stages receive."""
+    from finetune.checks import resolve
+
+    return resolve(compose(overrides))
+
+
 @pytest.fixture(scope="session")
 def ms_cpu():
     """MindSpore in graph mode on CPU, once per session."""
@@ -44,3 +73,111 @@ def ms_cpu():
     os.environ.setdefault("LOCAL_DEFAULT_PATH", str(REPO / "outputs" / "test-mindformers"))
     setup_context(cfg.hardware, 0)
     return cfg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finetune_cmd(root: Path, run: str, args=(), quick: bool = True) -> list[str]:
+    return [FINETUNE, f"output_root={root}", f"hydra.run.dir={Path(root) / run}", *(QUICK if quick else []), *args]
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Stop a `finetune` started by start_finetune and everything it started (msrun and its workers)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def start_finetune(root: Path, run: str, args=(), quick: bool = True) -> subprocess.Popen:
+    """`finetune` in the background, in its own process group; its stdout and stderr go to files
+    (root/<run>.out, .err: a pipe nobody reads would stall it), read back with `output(proc)`."""
+    out, err = Path(root) / f"{run}.out", Path(root) / f"{run}.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen(finetune_cmd(root, run, args, quick), cwd=root, text=True, start_new_session=True,
+                                stdout=o, stderr=e)
+    proc.out_path, proc.err_path = out, err
+    return proc
+
+
+def output(proc: subprocess.Popen) -> tuple[str, str]:
+    return proc.out_path.read_text(errors="replace"), proc.err_path.read_text(errors="replace")
+
+
+def run_finetune(root: Path, run: str, args=(), quick: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run `finetune` to the end; on timeout (or any error here) its whole process group is killed."""
+    proc = start_finetune(root, run, args, quick)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        kill_group(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, *output(proc))
+
+
+@pytest.fixture(scope="session")
+def quick_root(tmp_path_factory, new_store) -> Path:
+    """An output_root with the QUICK base already pretrained and cached (once per session) and an
+    MLflow store created: jobs started in it skip both."""
+    root = tmp_path_factory.mktemp("quick")
+    new_store(root)
+    proc = run_finetune(root, "warm", ["stages=[prepare]"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((root / "cache" / "base").glob("*.ckpt"))) == 1
+    return root
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, created (migrated) once per session: creating one costs seconds,
+    copying this file costs nothing. Use new_store(root)."""
+    from mlflow.tracking import MlflowClient
+    from finetune.tracking import default_uri
+
+    root = tmp_path_factory.mktemp("store-template")
+    MlflowClient(default_uri(root)).search_experiments()
+    return root / "mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def new_store(store_template):
+    """new_store(root) -> the URI of a fresh store at root/mlflow.db (a copy of the template)."""
+    import shutil
+    from finetune.tracking import default_uri
+
+    def make(root: Path) -> str:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        shutil.copy(store_template, Path(root) / "mlflow.db")
+        return default_uri(root)
+    return make
+
+
+# The reference training run that several modules compare against: 96 training questions / batch 16
+# = 6 steps per epoch; 5 epochs = 30 steps, checkpoints at 6, 12, 18, 24, 30; dropout off, so the
+# run is a deterministic function of its data order (resume and data parallel must reproduce it).
+REFERENCE = ["train.epochs=5", "lora.dropout=0", "stages=[prepare,train]", "train.save.num_checkpoints=5"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(quick_root) -> Path:
+    proc = run_finetune(quick_root, "reference", REFERENCE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return quick_root / "reference"
+
+
+# pytest-xdist (`make test` runs two workers): each module stays on one worker (its module fixtures
+# are built once), and the modules that share the session's quick_root / reference_run are grouped
+# so that each group builds them once.
+XDIST_GROUPS = {"test_pipeline": "quick-a", "test_sweep": "quick-a", "test_resume": "quick-b",
+                "test_parallel": "quick-b"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(module, module)))

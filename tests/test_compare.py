@@ -9,10 +9,10 @@ from finetune.tracking import (SWEEP_EXPERIMENT_ENV, SWEEP_JOB_ENV, SWEEP_PARENT
 RUNS = {"r8": (8, 0.50, 0.61), "r4": (4, 0.75, 0.70), "r16": (16, 0.625, 0.55), "none": (8, None, None)}
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
+@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
+def store(tmp_path_factory, new_store):
     root = tmp_path_factory.mktemp("compare")
-    uri = default_uri(root)
+    uri = new_store(root)
     ids = {}
     for name, (rank, acc, contest) in RUNS.items():
         t = Tracker(uri, "cmp", name)

@@ -17,7 +17,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 import finetune.schema
-from finetune.app import ConfigError, validate
+from finetune.checks import check_input_files, resolve
+from finetune.errors import ConfigError
+
+validate = resolve   # compose -> resolve + every cross-key check (what `finetune` runs at start-up)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -177,11 +180,40 @@ def test_required_value_missing_fails_naming_it(group, option, key):
 
 # ----------------------------------------------------------------------------------------- validate
 
+@pytest.mark.parametrize(("override", "key", "choices"), [
+    ("stages=[trian]", "stages[0]", "plan, prepare, train, evaluate, merge, predict, export"),
+    ("dataset.style=xx", "dataset.style", "mmlu, cmmlu"),
+    ("hardware.loss_scale.kind=dynamik", "hardware.loss_scale.kind", "none, dynamic"),
+    ("hardware.compute_dtype=fp16", "hardware.compute_dtype", "float32, float16, bfloat16"),
+    ("hardware.mode=graf", "hardware.mode", "graph, pynative"),
+    ("hardware.device_target=GPU", "hardware.device_target", "CPU, Ascend"),
+    ("model.tokenizer.kind=bpe", "model.tokenizer.kind", "tiktoken, sentencepiece"),
+    ("predict.format=csv", "predict.format", "jsonl, npy"),
+    ("sweep.direction=up", "sweep.direction", "maximize, minimize"),
+    ("optimizer.name=sgd", "optimizer.name", "adamw"),
+    ("dataset.name=arc", "dataset.name", "demo, mmlu, cmmlu"),
+])
+def test_a_typo_in_a_choice_fails_at_compose_naming_key_and_choices(override, key, choices):
+    """Typed choices are schema enums: the typo never reaches data preparation or model loading."""
+    with pytest.raises(ConfigCompositionException) as ei:
+        _compose([override])
+    text = _chain(ei.value)
+    assert f"expected one of [{choices}]" in text and key in text, text
+
+
 @pytest.mark.parametrize(("overrides", "needle"), [
-    (["stages=[trian]"], "trian"),
     (["stages=[]"], "stages"),
-    (["dataset.style=xx"], "dataset.style"),
     (["train.epochs=0"], "train.epochs"),
+    (["train.max_steps=0"], "train.max_steps"),
+    (["lora.rank=0"], "lora.rank: expected >= 1"),
+    (["lora.dropout=1.0"], "lora.dropout"),
+    (["optimizer.learning_rate=-1"], "optimizer.learning_rate"),
+    (["optimizer.learning_rate=nan"], "optimizer.learning_rate"),
+    (["eval.squad.max_new_tokens=60"], "eval.squad.max_new_tokens=60 leaves fewer than 8 prompt tokens"),
+    (["hardware.max_device_memory=58G"], "hardware.max_device_memory"),
+    (["parallel=dp4", "parallel.nodes=3"], "parallel.nodes=3"),
+    (["parallel.node_rank=1"], "parallel.node_rank=1: expected 0..0"),
+    (["lora.target_modules='(wq'"], "lora.target_modules"),
     (["train.batch_size=0"], "train.batch_size"),
     (["model.num_heads=3"], "num_heads"),
     (["eval.num_shots=-1"], "eval.num_shots"),
@@ -217,26 +249,21 @@ def test_cli_unknown_key_fails_fast(tmp_path):
 
 
 def test_cli_config_error_is_one_line_exit_2(tmp_path):
-    proc, seconds = _cli(["stages=[nope]", f"output_root={tmp_path}", f"hydra.run.dir={tmp_path}/r"], tmp_path)
+    proc, seconds = _cli(["train.epochs=0", f"output_root={tmp_path}", f"hydra.run.dir={tmp_path}/r"], tmp_path)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("finetune: error:")]
-    assert len(errors) == 1, proc.stderr
-    assert "stages" in errors[0] and "nope" in errors[0]
+    assert errors == ["finetune: error: train.epochs: expected >= 1, got 0"], proc.stderr
     assert "Traceback" not in proc.stderr
     assert seconds < 30, f"took {seconds:.1f}s: validate() should fail before any heavy work"
 
 
 def test_validate_names_a_missing_required_value():
-    from finetune.app import ConfigError, validate
-
     cfg = _compose(["model=internlm_7b", "model.tokenizer.path=/x/tokenizer.model"])
     with pytest.raises(ConfigError, match=r"model\.checkpoint: a value is required"):
         validate(cfg)
 
 
 def test_float16_without_loss_scale_is_refused():
-    from finetune.app import ConfigError, validate
-
     with pytest.raises(ConfigError, match="hardware.loss_scale.kind"):
         validate(_compose(["hardware.compute_dtype=float16"]))
     validate(_compose(["hardware.compute_dtype=float16", "hardware.loss_scale.kind=dynamic"]))
@@ -246,15 +273,44 @@ def test_float16_without_loss_scale_is_refused():
     (["parallel=dp2", "parallel.model_parallel=2"], "parallel.model_parallel/pipeline_stage > 1"),
     (["train.save.num_checkpoints=-1"], "train.save.num_checkpoints"),
     (["stages=[merge]", "eval.adapter=/nonexistent/a.ckpt"], "eval.adapter: /nonexistent/a.ckpt not found"),
-    (["predict.format=csv"], "predict.format"),
     (["eval.squad.path=/nonexistent/dev.json"], "eval.squad.path: /nonexistent/dev.json not found"),
     (["stages=[predict]", "predict.input=/nonexistent/q.json"], "predict.input: /nonexistent/q.json not found"),
     (["dataset.general.path=/nonexistent/g.json"], "dataset.general.path: /nonexistent/g.json not found"),
 ])
 def test_config_and_input_files_checked_before_long_work(overrides, needle):
-    from finetune.app import ConfigError, check_input_files, validate
-
     cfg = _compose(overrides)
     with pytest.raises(ConfigError, match=re.escape(needle)):
-        validate(cfg)
-        check_input_files(cfg)
+        check_input_files(validate(cfg))
+
+
+def test_resolved_config_is_plain_read_only_and_checked():
+    """What the stages get: strings (not enums), interpolations resolved, no later edits."""
+    from omegaconf.errors import ReadonlyConfigError
+
+    cfg = validate(_compose(["hardware.loss_scale.kind=dynamic"]))
+    assert type(cfg.hardware.loss_scale.kind) is str and cfg.hardware.loss_scale.kind == "dynamic"
+    assert cfg.optimizer.learning_rate == pytest.approx(5e-3)   # ${model.recommended_lr}, resolved
+    assert all(type(s) is str for s in cfg.stages)
+    with pytest.raises(ReadonlyConfigError):
+        cfg.lora.rank = 4
+
+
+def test_parallel_micro_batch_num_is_gone():
+    """Keys nothing reads are not in the schema: setting one is an error, not a silent no-op."""
+    with pytest.raises(ConfigCompositionException, match="micro_batch_num"):
+        _compose(["parallel.micro_batch_num=2"])
+
+
+def test_cli_help_and_cfg_job(tmp_path):
+    """`finetune --help` lists the groups; `finetune --cfg job` prints the composed config."""
+    proc, _ = _cli(["--help"], tmp_path)
+    assert proc.returncode == 0
+    groups = {line.split(":")[0]: line.split(":")[1] for line in proc.stdout.splitlines() if ": " in line
+              and line.split(":")[0] in ("dataset", "model", "parallel", "hardware", "lora", "optimizer", "tracking")}
+    assert len(groups) == 7, proc.stdout
+    assert {"cmmlu", "demo", "mmlu"} <= set(groups["dataset"].replace(",", " ").split())
+    assert {"dp2", "dp4", "dp8", "single"} <= set(groups["parallel"].replace(",", " ").split())
+    proc, _ = _cli(["--cfg", "job", "lora.rank=4"], tmp_path)
+    assert proc.returncode == 0
+    printed = OmegaConf.create(proc.stdout)
+    assert printed.lora.rank == 4 and printed.model.name == "tiny" and list(printed.stages)[0] == "prepare"

@@ -15,12 +15,12 @@ def _data(name: str) -> Path:
     return shared_path("data", name)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
 def mmlu() -> dict[str, list[Question]]:
     return read_mmlu(_data("mmlu"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
 def cmmlu() -> dict[str, list[Question]]:
     return read_cmmlu(_data("cmmlu"))
 

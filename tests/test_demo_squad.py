@@ -9,14 +9,15 @@ from conftest import compose
 from finetune import metrics
 from finetune.data import demo
 from finetune.data.records import DataError
-from finetune.prepare import dataset_squad, load_meta, prepare, read_questions
+from finetune.data.prepared import dataset_squad, load_meta
+from finetune.prepare import prepare, read_questions
 from finetune.squad import squad_prompt, squad_prompt_ids
 from finetune.tokenizer import load_tokenizer
 
 WORLD = demo.build_world(160, seed=0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
 def tok():
     return load_tokenizer("tiktoken", None)
 
@@ -103,7 +104,10 @@ def test_prepare_writes_the_reading_set(tmp_path, tok):
     assert corpus.count("\n\nQuestion: ") == 20                           # dataset.demo.num_reading
     assert dataset_squad(tmp_path) is None                                 # a folder without one
     assert read_questions(compose(["dataset.demo.squad_questions=0"]).dataset)[2] is None
-    with pytest.raises(DataError, match=r"dataset.demo.general_reading: expected >= 0, got -2"):
-        read_questions(compose(["dataset.demo.general_reading=-2"]).dataset)
-    with pytest.raises(DataError, match=r"dataset.demo.num_reading: expected >= 0, got -1"):
-        read_questions(compose(["dataset.demo.num_reading=-1"]).dataset)
+    from finetune.checks import resolve
+    from finetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dataset.demo.general_reading: expected >= 0, got -2"):
+        resolve(compose(["dataset.demo.general_reading=-2"]))
+    with pytest.raises(ConfigError, match=r"dataset.demo.num_reading: expected >= 0, got -1"):
+        resolve(compose(["dataset.demo.num_reading=-1"]))

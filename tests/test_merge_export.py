@@ -10,14 +10,24 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import compose, shared_path
-from finetune.export import export, export_weights, hf_config, to_hf, write_hf_folder
-from finetune.hf import load_hf_state, read_hf_config, to_mindformers
-from finetune.lora import adapter_params, apply_lora, save_adapter
-from finetune.merge import merge, merge_lora, read_adapter
-from finetune.model import ModelError, build_model, load_checkpoint, load_weights, save_checkpoint
+from conftest import resolved, shared_path
+from finetune.adapter import adapter_params, lora_settings, merge_lora, read_adapter, save_adapter
+from finetune.base import resolve_base
+from finetune.ckpt import save_checkpoint
+from finetune.context import RunContext
+from finetune.errors import ModelError
+from finetune.export import export, export_weights, hf_config, write_hf_folder
+from finetune.hf import load_hf_state, read_hf_config
+from finetune.layout import to_hf, to_mindformers
+from finetune.lora import apply_lora
+from finetune.merge import merge
+from finetune.model import build_model, load_checkpoint, load_model, load_weights
 from finetune.tokenizer import load_tokenizer
 from finetune.tracking import Tracker, default_uri
+
+
+def context(cfg, run_dir, base, tok, tracker=None, given=frozenset()):
+    return RunContext(cfg, run_dir, None, base, tok, tracker or Tracker(), 0, given)
 
 A_ = ".mindpet_delta_lora_a"
 B_ = ".mindpet_delta_lora_b"
@@ -64,43 +74,45 @@ def logits_of(net, x):
     return net(ms.Tensor(x))[0].asnumpy()
 
 
-@pytest.fixture(scope="module")
-def tiny(ms_cpu, tmp_path_factory):
+@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
+def tiny(ms_cpu, tmp_path_factory, new_store):
     """A random-init tiny base, a non-trivial adapter (rank 4, alpha 12: scaling 3) saved in the run
     dir together with one step checkpoint, the logits of base + adapter, and the merge stage's result."""
-    from finetune.train import load_base
-
     root = tmp_path_factory.mktemp("merge")
+    new_store(root)
     common = [f"output_root={root}", "model.pretrain.epochs=0"]
-    cfg = compose(common + ["lora.rank=4", "lora.alpha=12", "lora.dropout=0.0"])
+    cfg = resolved(common + ["lora.rank=4", "lora.alpha=12", "lora.dropout=0.0"])
     tok = load_tokenizer("tiktoken", None)
     run_dir = root / "run"
     x = np.random.default_rng(1).integers(0, tok.vocab_size, (2, cfg.model.seq_length)).astype(np.int32)
 
-    net = load_base(cfg, tok, root, Tracker(), 2)
+    base_ckpt, how = resolve_base(cfg, tok, root, Tracker())   # no corpus: a random-init base, cached
+    assert how == "random-init"
+    net = load_model(cfg.model, cfg.hardware, tok, 2, base_ckpt)
     base = {p.name: p.asnumpy() for p in net.get_parameters()}
-    net = apply_lora(net, cfg.lora, root / "mindformers")
+    net = apply_lora(net, cfg.lora, 0)
     rng = np.random.default_rng(0)
     import mindspore as ms
     for _, p in adapter_params(net):    # lora_b starts at zero: give A and B real values
         p.set_data(ms.Tensor(rng.normal(0, 0.05, p.shape).astype(np.float32)))
     adapter = {name: p.asnumpy() for name, p in adapter_params(net)}
     tuned_logits = logits_of(net, x)
-    save_adapter(net, run_dir / "adapter.ckpt", cfg.lora)
+    save_adapter(net, run_dir / "adapter.ckpt")
     for name, p in adapter_params(net):  # a different adapter for the step checkpoint
         p.set_data(ms.Tensor(adapter[name] * 0.5))
     save_adapter(net, run_dir / "checkpoints" / "adapter-step000002.ckpt")
     (run_dir / "checkpoints" / "adapter-step000004.tmp99.ckpt").write_bytes(b"half")   # a crashed save: skipped
 
     # merge runs with the *default* lora group (rank 8, alpha 16: 2.0): the scaling must come from the file
-    merge_cfg = compose(common + ["merge.all=true"])
+    merge_cfg = resolved(common + ["merge.all=true"])
     tracker = Tracker(default_uri(root), "merge-test", "merge", artifact_root=root / "art")
-    result = merge(merge_cfg, run_dir, tok, root, tracker)
+    result = merge(context(merge_cfg, run_dir, base_ckpt, tok, tracker))
     tracker.end("FINISHED")
     # Started now, so that it runs while this process compiles its own graphs (2 cores).
     fresh = start_fresh_process(merge_cfg, run_dir / "merged.ckpt", x, root / "fresh")
     yield SimpleNamespace(root=root, cfg=merge_cfg, common=common, tok=tok, run_dir=run_dir, x=x, base=base,
-                          adapter=adapter, tuned_logits=tuned_logits, result=result, tracker=tracker, fresh=fresh)
+                          adapter=adapter, tuned_logits=tuned_logits, result=result, tracker=tracker, fresh=fresh,
+                          base_ckpt=base_ckpt)
     if fresh.poll() is None:
         fresh.kill()
         fresh.wait()
@@ -133,7 +145,7 @@ def start_fresh_process(cfg, checkpoint, x, folder):
                             cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
 def probe(tiny):
     """logits(weights): one plain model (graph compiled once), loaded with a checkpoint file the way a
     base checkpoint is loaded, or with a dict of tensors, then run on the fixture's input."""
@@ -196,32 +208,46 @@ def test_merged_checkpoint_in_a_fresh_process(tiny, probe):
 
 def test_merging_twice_is_refused(tiny):
     merged = tiny.run_dir / "merged.ckpt"
-    cfg = compose(tiny.common + [f"model.checkpoint={merged}"])
+    cfg = resolved(tiny.common + [f"model.checkpoint={merged}"])
     msg = (f"model.checkpoint {merged} already has a LoRA adapter merged into it "
            f"(from adapter.ckpt, scaling 3); merging again would add it twice")
     with pytest.raises(ModelError) as e:
-        merge(cfg, tiny.run_dir, tiny.tok, tiny.root, Tracker())
+        merge(context(cfg, tiny.run_dir, merged, tiny.tok))
     assert str(e.value) == msg
     # export, merging base + adapter on the fly, refuses the same way
-    on_the_fly = compose(tiny.common + [f"model.checkpoint={merged}", f"eval.adapter={tiny.run_dir / 'adapter.ckpt'}"])
+    on_the_fly = resolved(tiny.common + [f"model.checkpoint={merged}", f"eval.adapter={tiny.run_dir / 'adapter.ckpt'}"])
     with pytest.raises(ModelError, match="already has a LoRA adapter merged"):
-        export(on_the_fly, tiny.root / "other-run", tiny.tok, tiny.root, Tracker())
+        export(context(on_the_fly, tiny.root / "other-run", merged, tiny.tok))
 
 
 def test_adapter_file_records_its_lora_settings_and_still_loads(tiny, tmp_path):
     import mindspore as ms
-    from finetune.lora import load_adapter, tensor_text
+    from finetune.adapter import tensor_text
+    from finetune.lora import with_adapter
 
     raw = ms.load_checkpoint(str(tiny.run_dir / "adapter.ckpt"))
     assert int(raw["lora_rank"].asnumpy()) == 4 and float(raw["lora_alpha"].asnumpy()) == 12.0
     assert tensor_text(raw["lora_target_modules"]) == ".*wq|.*wk|.*wv|.*wo"
-    cfg = compose(tiny.common + ["lora.rank=4", "lora.alpha=12"])
-    fresh = apply_lora(build_model(cfg.model, cfg.hardware, tiny.tok, 2, seed=3), cfg.lora, tmp_path)
-    load_adapter(fresh, tiny.run_dir / "adapter.ckpt")      # the metadata entries are skipped
+    # built from what the file records, whatever the lora group says (default: rank 8, alpha 16)
+    cfg = resolved(tiny.common)
+    fresh = with_adapter(build_model(cfg.model, cfg.hardware, tiny.tok, 2, seed=3), tiny.run_dir / "adapter.ckpt",
+                         cfg.lora, frozenset(), 0)
     for name, p in adapter_params(fresh):
         np.testing.assert_array_equal(p.asnumpy(), tiny.adapter[name])
-    with pytest.raises(ModelError, match=r"lora.rank=8 lora.alpha=16.0 differ from the network's LoRA layers"):
-        save_adapter(fresh, tmp_path / "a.ckpt", compose().lora)
+    assert (fresh.config.pet_config.lora_rank, fresh.config.pet_config.lora_alpha) == (4, 12.0)
+
+
+def test_lora_settings_come_from_the_file_and_overrides_must_agree():
+    meta = {"rank": 4, "alpha": 12.0, "target_modules": ".*wq|.*wv"}
+    lora = resolved(["lora.dropout=0.1"]).lora                 # group defaults: rank 8, alpha 16, q/k/v/o
+    assert lora_settings(meta, lora) == {"rank": 4, "alpha": 12.0, "target_modules": ".*wq|.*wv", "dropout": 0.1}
+    given = frozenset({"lora.alpha", "lora.dropout"})
+    with pytest.raises(ModelError, match=r"lora.alpha=16.0 was given, but a.ckpt was trained with lora.alpha=12.0"):
+        lora_settings(meta, lora, given, "a.ckpt")
+    ok = resolved(["lora.rank=4", "lora.alpha=12", "lora.target_modules=.*wq|.*wv"]).lora
+    assert lora_settings(meta, ok, frozenset({"lora.rank", "lora.alpha", "lora.target_modules"}))["rank"] == 4
+    with pytest.raises(ModelError, match=r"lora.target_modules=.* was given"):
+        lora_settings(meta, lora, frozenset({"lora.target_modules"}))
 
 
 def test_adapters_without_or_with_wrong_metadata_are_refused(tiny, tmp_path):
@@ -229,16 +255,16 @@ def test_adapters_without_or_with_wrong_metadata_are_refused(tiny, tmp_path):
 
     tensors = [(k, ms.Tensor(v)) for k, v in tiny.adapter.items()]
     save_checkpoint(tensors, tmp_path / "old.ckpt")           # an adapter saved before rank/alpha were stored
-    cfg = compose(tiny.common + [f"eval.adapter={tmp_path / 'old.ckpt'}"])
+    cfg = resolved(tiny.common + [f"eval.adapter={tmp_path / 'old.ckpt'}"])
     with pytest.raises(ModelError, match="does not record the LoRA rank/alpha"):
-        merge(cfg, tmp_path, tiny.tok, tiny.root, Tracker())
+        merge(context(cfg, tmp_path, tiny.base_ckpt, tiny.tok))
     save_checkpoint(tensors + [("lora_rank", ms.Tensor(np.array(8, np.int32))),
                                ("lora_alpha", ms.Tensor(np.array(16.0)))], tmp_path / "lying.ckpt")
     with pytest.raises(ModelError, match=r"records lora_rank=8, but its lora_a tensors have rank \[4\]"):
         read_adapter(tmp_path / "lying.ckpt")
     with pytest.raises(ModelError, match="adapter checkpoint .*missing.ckpt not found"):
-        merge(compose(tiny.common + [f"eval.adapter={tmp_path / 'missing.ckpt'}"]), tmp_path, tiny.tok, tiny.root,
-              Tracker())
+        merge(context(resolved(tiny.common + [f"eval.adapter={tmp_path / 'missing.ckpt'}"]), tmp_path, tiny.base_ckpt,
+                      tiny.tok))
     assert not (tmp_path / "merged.ckpt").exists()
 
 
@@ -246,7 +272,7 @@ def test_adapters_without_or_with_wrong_metadata_are_refused(tiny, tmp_path):
 
 def test_to_hf_names():
     cfg = SimpleNamespace(name="t", num_layers=1, tie_word_embeddings=False, qkv_has_bias=True, attn_proj_has_bias=True)
-    mf_to_hf = {   # typed out here (export.py derives them from hf.py) so a wrong inversion fails
+    mf_to_hf = {   # typed out here (layout.py derives one direction from the other) so a wrong inversion fails
         "model.tok_embeddings.embedding_weight": "model.embed_tokens.weight", "model.norm_out.weight": "model.norm.weight",
         "lm_head.weight": "lm_head.weight",
         "model.layers.0.attention.wq.weight": "model.layers.0.self_attn.q_proj.weight",
@@ -282,14 +308,13 @@ def test_to_hf_names():
 
 def test_round_trip_stories260k_is_bit_for_bit(ms_cpu, tmp_path):
     """HF -> project (load_base) -> HF: every tensor and the architecture unchanged."""
-    from finetune.model import resolve_model_config
+    from finetune.base import convert_hf
     from safetensors.numpy import load_file
 
     src = shared_path("models", "stories260K-hf")
-    cfg = compose([f"model.checkpoint={src}", "model.seq_length=512", f"output_root={tmp_path}"])
-    resolve_model_config(cfg.model)
+    cfg = resolved([f"model.checkpoint={src}", "model.seq_length=512", f"output_root={tmp_path}"])
     tok = SimpleNamespace(vocab_size=512, bos_id=1, eos_id=2, pad_id=0)   # ids only: no text tokenizer ships
-    params, source, marker = export_weights(cfg, tmp_path / "run", tok, tmp_path, Tracker())
+    params, source, marker = export_weights(context(cfg, tmp_path / "run", convert_hf(src, cfg)[0], tok))
     assert (source, marker) == ("base", None)
     tensors = to_hf(params, cfg.model)
     write_hf_folder(tmp_path / "hf", tensors, hf_config(cfg.model, tensors, tok), {})
@@ -313,7 +338,7 @@ def test_export_stage_merged_and_on_the_fly(tiny, probe, tmp_path):
     from tokenizers import Tokenizer
 
     tracker = Tracker(default_uri(tiny.root), "merge-test", "export", artifact_root=tiny.root / "art")
-    r = export(tiny.cfg, tiny.run_dir, tiny.tok, tiny.root, tracker)
+    r = export(context(tiny.cfg, tiny.run_dir, tiny.base_ckpt, tiny.tok, tracker))
     tracker.end("FINISHED")
     out = tiny.run_dir / "hf"
     assert r == {"export_dir": str(out), "export_source": str(tiny.run_dir / "merged.ckpt"), "export_tensors": 2 + 4 * 9}
@@ -344,8 +369,8 @@ def test_export_stage_merged_and_on_the_fly(tiny, probe, tmp_path):
     other = tmp_path / "run"
     (other / "x").mkdir(parents=True)
     shutil.copy(tiny.run_dir / "adapter.ckpt", other / "adapter.ckpt")
-    cfg = compose(tiny.common + [f"export.output={other / 'x'}"])   # an empty folder may be replaced
-    r2 = export(cfg, other, tiny.tok, tiny.root, Tracker())
+    cfg = resolved(tiny.common + [f"export.output={other / 'x'}"])   # an empty folder may be replaced
+    r2 = export(context(cfg, other, tiny.base_ckpt, tiny.tok))
     assert r2["export_source"] == f"base + {other / 'adapter.ckpt'}"
     on_the_fly = load_file(str(other / "x" / "model.safetensors"))
     assert sorted(on_the_fly) == sorted(from_merged)
@@ -354,7 +379,7 @@ def test_export_stage_merged_and_on_the_fly(tiny, probe, tmp_path):
     assert json.loads((other / "x" / "config.json").read_text())["lora_merged"] == "adapter.ckpt, scaling 3"
     # merging into the exported (already merged) model is refused as well
     with pytest.raises(ModelError, match=r"model.checkpoint .*/x already has a LoRA adapter merged into it"):
-        merge(compose(tiny.common + [f"model.checkpoint={other / 'x'}"]), other, tiny.tok, tiny.root, Tracker())
+        merge(context(resolved(tiny.common + [f"model.checkpoint={other / 'x'}"]), other, tiny.base_ckpt, tiny.tok))
 
     # the export loads back into the project (HF import) and gives base + adapter's logits
     assert np.abs(probe(to_mindformers(load_hf_state(other / "x"), 4, True)) - tiny.tuned_logits).max() < 1e-5
@@ -362,7 +387,7 @@ def test_export_stage_merged_and_on_the_fly(tiny, probe, tmp_path):
     (other / "notes").mkdir()
     (other / "notes" / "mine.txt").write_text("keep me")
     with pytest.raises(ModelError, match="is not a Hugging Face model folder; refusing to replace it"):
-        export(compose(tiny.common + [f"export.output={other / 'notes'}"]), other, tiny.tok, tiny.root, Tracker())
+        export(context(resolved(tiny.common + [f"export.output={other / 'notes'}"]), other, tiny.base_ckpt, tiny.tok))
     assert (other / "notes" / "mine.txt").read_text() == "keep me"
 
 
@@ -373,7 +398,7 @@ def test_sentencepiece_tokenizer_files():
     from finetune.export import tokenizer_files
 
     path = shared_path("tokenizers", "internlm_v7_sft.model")
-    cfg = compose(["model=internlm_7b", f"model.tokenizer.path={path}"])
+    cfg = resolved(["model=internlm_7b", f"model.tokenizer.path={path}", "model.checkpoint=/x/internlm.ckpt"])
     tok = load_tokenizer("sentencepiece", str(path))
     files = tokenizer_files(cfg.model.tokenizer, tok, 2048)
     assert sorted(files) == ["tokenizer.model", "tokenizer_config.json"]

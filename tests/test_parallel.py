@@ -2,27 +2,19 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import compose
+from conftest import REFERENCE, kill_group, output, resolved, run_finetune, start_finetune
 from finetune.data.mindrecord import read_shards, write_shards
 
-FINETUNE = [str(Path(sys.executable).with_name("finetune"))]
-# A small demo (96 training questions -> 6 global batches of 16 per epoch), a quickly pretrained
-# base, dropout off; 20 optimizer steps cross three epoch boundaries (new batch order each epoch).
-QUICK = ["model.pretrain.epochs=1", "dataset.demo.num_words=40", "train.epochs=4", "train.max_steps=20",
-         "lora.dropout=0", "stages=[prepare,train]", "train.save.num_checkpoints=2",
-         "dataset.demo.num_reading=0", "dataset.demo.general_reading=0"]
-
-
-def _cmd(root: Path, run: str, args) -> list[str]:
-    return FINETUNE + [f"output_root={root}", f"hydra.run.dir={root / run}", *QUICK, *args]
+# conftest's reference run (the QUICK demo: 96 training questions -> 6 global batches of 16 per
+# epoch; 30 steps cross four epoch boundaries, a new batch order each epoch; dropout off) on two
+# workers with half the batch each. master_port=0: a free port.
+ARGS = [*REFERENCE, "parallel=dp2", "train.batch_size=8", "parallel.master_port=0"]
 
 
 def _losses(run_dir: Path) -> np.ndarray:
@@ -48,22 +40,17 @@ def test_round_robin_shards_give_the_same_global_batches(tmp_path):
         assert union == sorted(one[k * 2 * b:(k + 1) * 2 * b, 0].tolist())
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parallel")
-    single = subprocess.run(_cmd(root, "single", ["train.batch_size=16"]), cwd=root, capture_output=True,
-                            text=True, timeout=900)
-    assert single.returncode == 0, single.stderr[-3000:]
-    dp2 = subprocess.run(_cmd(root, "dp2", ["parallel=dp2", "train.batch_size=8", "parallel.master_port=8357"]),
-                         cwd=root, capture_output=True, text=True, timeout=900)
+@pytest.fixture(scope="session")   # session: xdist may interleave modules of one group
+def runs(quick_root, reference_run):
+    dp2 = run_finetune(quick_root, "dp2", ARGS)
     assert dp2.returncode == 0, dp2.stderr[-3000:]
-    return root, dp2
+    return quick_root, reference_run
 
 
 def test_dp2_matches_single_process_loss_curve(runs):
-    root, _ = runs
-    single, dp2 = _losses(root / "single"), _losses(root / "dp2")
-    assert len(single) == len(dp2) == 20
+    root, reference = runs
+    single, dp2 = _losses(reference), _losses(root / "dp2")
+    assert len(single) == len(dp2) == 30
     assert np.abs(single - dp2).max() < 1e-3, np.abs(single - dp2)
     assert single[-1] < single[0]   # it trained
 
@@ -72,10 +59,10 @@ def test_dp2_writes_one_logical_run(runs):
     root, _ = runs
     run = root / "dp2"
     s = json.loads((run / "summary.json").read_text())
-    assert s["status"] == "FINISHED" and s["train_global_batch"] == 16 and s["train_steps"] == 20
+    assert s["status"] == "FINISHED" and s["train_global_batch"] == 16 and s["train_steps"] == 30
     assert sorted(p.name for p in (run / "msrun").glob("worker_*.log")) == ["worker_0.log", "worker_1.log"]
-    # rank 0 alone saves: one adapter, one checkpoint set (steps 10 and 20)
-    assert [e["step"] for e in json.loads((run / "checkpoints" / "index.json").read_text())] == [10, 20]
+    # rank 0 alone saves: one adapter, one checkpoint set
+    assert [e["step"] for e in json.loads((run / "checkpoints" / "index.json").read_text())] == [6, 12, 18, 24, 30]
     assert (run / "adapter.ckpt").is_file()
     from mlflow.tracking import MlflowClient
 
@@ -101,29 +88,51 @@ def _worker_pids(run_dir: Path) -> dict[int, int]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
 def test_a_dying_worker_fails_the_job_without_hanging(runs):
+    """README: if a worker dies, msrun stops the others and `finetune` exits 1 naming the worker that
+    failed first and the end of its log; the run is FAILED in summary.json and MLflow."""
+    from mlflow.tracking import MlflowClient
+
     root, _ = runs
     run = root / "dp2-killed"
-    cmd = _cmd(root, "dp2-killed", ["parallel=dp2", "train.batch_size=8", "parallel.master_port=8359",
-                                    "train.epochs=400", "train.max_steps=null"])
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (run / "train_log.csv").is_file():   # rank 0 is training
-        time.sleep(1)
-    pids = _worker_pids(run)
-    assert set(pids) == {0, 1}, pids
-    os.kill(pids[1], signal.SIGKILL)
-    out, err = proc.communicate(timeout=240)   # must end, not hang in the AllReduce
-    assert proc.returncode not in (0, None)
-    assert "worker_1.log" in err and "finetune: error: msrun exited" in err, err[-2000:]
-    assert json.loads((run / "summary.json").read_text())["status"] != "FINISHED" \
-        if (run / "summary.json").is_file() else True
+    proc = start_finetune(root, "dp2-killed", ARGS + ["train.epochs=400"])
+    try:
+        deadline = time.time() + 300
+        # rank 0 has joined the communication group and opened its MLflow run (summary.json RUNNING)
+        while time.time() < deadline and not ((run / "summary.json").is_file() and len(_worker_pids(run)) == 2):
+            assert proc.poll() is None, output(proc)[1][-2000:]
+            time.sleep(0.5)
+        pids = _worker_pids(run)
+        assert set(pids) == {0, 1}, pids
+        os.kill(pids[1], signal.SIGKILL)
+        proc.wait(timeout=240)   # must end, not hang in the AllReduce
+    finally:
+        kill_group(proc)
+    _, err = output(proc)
+    assert proc.returncode == 1, err[-2000:]
+    assert not _alive(pids[0]), "rank 0 still runs after its peer died"
+    lines = err.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("finetune: error: msrun exited"))
+    assert "worker_1.log failed first (killed by signal 9)" in lines[first], lines[first]
+    log_tail = (run / "msrun" / "worker_1.log").read_text().splitlines()[-3:]
+    assert all(line in lines[first + 1:] for line in log_tail if line.strip()), "the log tail is not shown"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "FAILED" and "worker_1.log failed first" in summary["error"]
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "FAILED"
 
 
 def test_world_size_must_split_over_nodes():
+    from finetune.errors import ConfigError
     from finetune.launch import local_workers
-    from finetune.schema import ConfigError
 
     with pytest.raises(ConfigError, match="parallel.nodes=3"):
-        local_workers(compose(["parallel=dp4", "parallel.nodes=3"]).parallel)
-    assert local_workers(compose(["parallel=dp8", "parallel.nodes=2"]).parallel) == 4
+        resolved(["parallel=dp4", "parallel.nodes=3"])
+    assert local_workers(resolved(["parallel=dp8", "parallel.nodes=2"]).parallel) == 4

@@ -1,32 +1,28 @@
 """The `finetune` command end to end (subprocess), recorded in a real MLflow SQLite store."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import run_finetune
 
-FINETUNE = [str(Path(sys.executable).with_name("finetune"))]
-QUICK = ["model.pretrain.epochs=1", "dataset.demo.num_words=40", "train.max_steps=4", "eval.limit=12",
-         "dataset.demo.squad_questions=10", "eval.squad.max_new_tokens=4", "dataset.demo.num_reading=0",
-         "dataset.demo.general_reading=12"]
+# the pipeline's own settings, on top of conftest.QUICK
+ARGS = ["train.max_steps=4", "eval.limit=12", "dataset.demo.squad_questions=10", "eval.squad.max_new_tokens=4",
+        "dataset.demo.general_reading=12"]
+LETTERS = ("A", "B", "C", "D")
 SQUAD_KEYS = ("squad_f1", "squad_em", "squad_f1_base", "squad_em_base", "squad_retention_f1", "squad_retention_em",
               "retained", "contest_score")
 
 
-def _run(args, tmp_path, run="run"):
-    cmd = FINETUNE + [f"output_root={tmp_path}", f"hydra.run.dir={tmp_path / run}", *args]
-    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+def _run(args, root, run="run"):
+    return run_finetune(root, run, ARGS + list(args), timeout=600)
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pipeline")
-    proc = _run(QUICK, tmp)
+@pytest.fixture(scope="session")   # session: xdist may interleave modules of one group
+def pipeline(quick_root):
+    proc = _run([], quick_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp, json.loads((tmp / "run" / "summary.json").read_text())
+    return quick_root, json.loads((quick_root / "run" / "summary.json").read_text())
 
 
 def test_summary_has_every_figure(pipeline):
@@ -58,6 +54,42 @@ def test_summary_has_every_figure(pipeline):
         f"demo-squad-{i}" for i in range(10)}
 
 
+def test_predict_uses_the_merged_model_and_matches_evaluate(pipeline):
+    """The default stages end with merge + predict: predict reads merged.ckpt, and its letter
+    probabilities on the eval split equal evaluate's (base + adapter) ones."""
+    tmp, s = pipeline
+    assert s["predict_model"] == str(tmp / "run" / "merged.ckpt") and Path(s["merged"]).is_file()
+    evaluated = {r["id"]: r for r in map(json.loads, (tmp / "run" / "eval_predictions.jsonl").read_text().splitlines())}
+    predicted = [json.loads(line) for line in (tmp / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert s["predict_records"] == len(predicted) == 24          # the whole eval split (eval.limit=12 is evaluate's)
+    for row in predicted:
+        if row["id"] in evaluated:
+            assert row["prediction"] == evaluated[row["id"]]["prediction"]
+            for letter in LETTERS:
+                assert row["probabilities"][letter] == pytest.approx(evaluated[row["id"]]["probabilities"][letter],
+                                                                     abs=1e-4)
+    assert sum(r["id"] in evaluated for r in predicted) == 12
+
+
+def test_identical_runs_with_dropout_give_identical_logs(pipeline):
+    """The same command and seed with LoRA dropout on (0.05): the same loss, learning rate and
+    gradient norm at every step, and the same adapter. (MindSpore's own CPU Dropout differs between
+    processes after its 5th call; the seeded dropout in finetune/lora.py does not.)"""
+    import mindspore as ms
+    import numpy as np
+
+    tmp, _ = pipeline
+    proc = _run(["stages=[prepare,train]"], tmp, run="same")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    logs = [[",".join(r.split(",")[:4]) for r in (tmp / run / "train_log.csv").read_text().splitlines()]
+            for run in ("run", "same")]        # step, loss, lr, grad_norm (tokens_per_s is a timing)
+    assert len(logs[0]) == 5 and logs[0] == logs[1]
+    a, b = (ms.load_checkpoint(str(tmp / run / "adapter.ckpt")) for run in ("run", "same"))
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name].asnumpy(), b[name].asnumpy())
+
+
 def test_mlflow_run_recorded(pipeline):
     from mlflow.tracking import MlflowClient
 
@@ -80,12 +112,27 @@ def test_mlflow_run_recorded(pipeline):
 
 
 def test_evaluate_stage_alone_reuses_the_run_dir(pipeline):
+    from mlflow.tracking import MlflowClient
+
     tmp, first = pipeline
-    proc = _run(QUICK + ["stages=[evaluate]", "eval.base=false", "eval.checkpoints=true"], tmp)
+    (tmp / "run" / "eval_predictions.jsonl").unlink()   # evaluate must write it again
+    # lora.rank=8 (the adapter's own value) is no conflict; lora.dropout does not change the weights
+    proc = _run(["stages=[evaluate]", "eval.base=false", "eval.checkpoints=true", "lora.rank=8", "lora.dropout=0.3"],
+                tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((tmp / "run" / "summary.json").read_text())
-    assert s["mc_accuracy"] == pytest.approx(first["mc_accuracy"])   # same adapter, same questions
+    # this run's own figures only: evaluated again (same adapter, same questions), nothing stale
+    assert s["stages"] == ["evaluate"] and s["evaluate_seconds"] > 0
+    assert s["mc_accuracy"] == pytest.approx(first["mc_accuracy"])
+    assert len((tmp / "run" / "eval_predictions.jsonl").read_text().splitlines()) == 12
+    for stale in ("train_loss_first", "train_steps", "mc_accuracy_base", "predict_output", "merged"):
+        assert stale not in s, stale
     assert s["mlflow_run_id"] != first["mlflow_run_id"]
+    # the first run's summary is kept whole, under runs, with its own MLflow id
+    assert [r["mlflow_run_id"] for r in s["runs"]][-1] == first["mlflow_run_id"]
+    assert s["runs"][-1]["train_loss_first"] == first["train_loss_first"]
+    metrics = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_run(s["mlflow_run_id"]).data.metrics
+    assert "mc_accuracy" in metrics and "train_loss_first" not in metrics and "mc_accuracy_base" not in metrics
     # 4 steps, 5 checkpoints asked -> one per step; the last one is the final adapter
     scores = s["checkpoint_scores"]
     assert [c["step"] for c in scores] == [1, 2, 3, 4]
@@ -99,7 +146,7 @@ def test_failure_is_one_line_and_marks_the_run_failed(pipeline):
     from mlflow.tracking import MlflowClient
 
     tmp, _ = pipeline
-    proc = _run(QUICK + ["stages=[evaluate]", "eval.adapter=/nonexistent/adapter.ckpt"], tmp, run="bad")
+    proc = _run(["stages=[evaluate]", "eval.adapter=/nonexistent/adapter.ckpt"], tmp, run="bad")
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("finetune: error:")]
     assert errors == ["finetune: error: eval.adapter: /nonexistent/adapter.ckpt not found"]
@@ -124,7 +171,7 @@ def test_squad_retention_and_predict_stage(pipeline):
                "input": "What kind of thing is a zoomp?\nA. fruit\nB. animal\nC. tool\nD. colour\nAnswer:"},
               {"id": "free1", "instruction": "the dog ran across the", "input": ""}]
     (tmp / "in.json").write_text(json.dumps(alpaca))
-    proc = _run(QUICK + ["stages=[evaluate,predict]", f"eval.squad.path={tmp / 'squad.json'}",
+    proc = _run(["stages=[evaluate,predict]", f"eval.squad.path={tmp / 'squad.json'}",
                          f"predict.input={tmp / 'in.json'}", "predict.format=npy", "eval.squad.max_new_tokens=4"],
                 tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -139,7 +186,7 @@ def test_squad_retention_and_predict_stage(pipeline):
     assert set(base_preds) == {"q1", "q2"}
     rows = [json.loads(line) for line in (tmp / "run" / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["mc1", "free1"]
-    assert rows[0]["prediction"] in "ABCD" and sum(rows[0]["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    assert rows[0]["prediction"] in LETTERS and sum(rows[0]["probabilities"].values()) == pytest.approx(1, abs=1e-4)
     assert isinstance(rows[1]["prediction"], str) and "probabilities" not in rows[1]
     npy = np.load(tmp / "run" / "results.npy")
     assert npy.tolist() == ["ABCD".index(rows[0]["prediction"]), -1]
@@ -149,10 +196,21 @@ def test_squad_retention_and_predict_stage(pipeline):
 def test_malformed_predict_input_is_one_line(pipeline):
     tmp, _ = pipeline
     (tmp / "bad.json").write_text(json.dumps([{"instruction": "ok"}, {"input": "no instruction"}]))
-    proc = _run(QUICK + ["stages=[predict]", f"predict.input={tmp / 'bad.json'}"], tmp, run="badpred")
+    proc = _run(["stages=[predict]", f"predict.input={tmp / 'bad.json'}"], tmp, run="badpred")
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("finetune: error:")]
     assert len(errors) == 1 and "record [1]" in errors[0] and "bad.json" in errors[0]
+
+
+def test_conflicting_lora_override_is_one_line(pipeline):
+    """The adapter file records its LoRA shape; a different lora.* on the command line is refused."""
+    tmp, _ = pipeline
+    proc = _run(["stages=[evaluate]", "lora.rank=4"], tmp, run="run")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("finetune: error:")]
+    assert errors == [f"finetune: error: lora.rank=4 was given, but {tmp / 'run' / 'adapter.ckpt'} was trained with "
+                      f"lora.rank=8; drop the override (the adapter's own value is used) or evaluate another adapter"]
+    assert "Traceback" not in proc.stderr
 
 
 def test_predict_on_a_real_mmlu_csv(shared, tmp_path):
@@ -161,11 +219,12 @@ def test_predict_on_a_real_mmlu_csv(shared, tmp_path):
 
     src = shared / "data" / "mmlu" / "test" / "abstract_algebra_test.csv"
     # the longest abstract_algebra prompt is 253 tokens with the built-in encoding: 320 holds it
-    proc = _run(["model.pretrain.epochs=0", "model.seq_length=320", "stages=[predict]", f"predict.input={src}",
-                 "predict.format=npy", "predict.batch_size=20"], tmp_path)
+    proc = run_finetune(tmp_path, "run", ["model.pretrain.epochs=0", "model.seq_length=320", "stages=[predict]",
+                                          f"predict.input={src}", "predict.format=npy", "predict.batch_size=20"],
+                        quick=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [str(i) for i in range(100)]          # every row of the file, in order
-    assert all(r["prediction"] in "ABCD" and len(r["probabilities"]) == 4 for r in rows)
+    assert all(r["prediction"] in LETTERS and len(r["probabilities"]) == 4 for r in rows)
     npy = np.load(tmp_path / "run" / "results.npy")
     assert npy.shape == (100,) and npy.tolist() == ["ABCD".index(r["prediction"]) for r in rows]

@@ -38,10 +38,10 @@ def _run_dir(tmp_path, train_log=True):
     return run
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
+@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
+def store(tmp_path_factory, new_store):
     root = tmp_path_factory.mktemp("mlflow")
-    return root, default_uri(root)
+    return root, new_store(root)
 
 
 def test_report_files_and_artifacts(tmp_path, store):

@@ -1,21 +1,14 @@
 """Evenly spaced checkpoints, SIGKILL mid-training, resume: same adapter as an uninterrupted run."""
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import REFERENCE as ARGS, kill_group, output, run_finetune, start_finetune
 from finetune.checkpoints import add_to_index, newest_valid, read_index, save_steps
-
-FINETUNE = [str(Path(sys.executable).with_name("finetune"))]
-# 96 training questions / batch 16 = 6 steps per epoch; 5 epochs = 30 steps, checkpoints at 6..30.
-QUICK = ["model.pretrain.epochs=1", "dataset.demo.num_words=40", "train.epochs=5", "lora.dropout=0",
-         "stages=[prepare,train]", "train.save.num_checkpoints=5", "dataset.demo.num_reading=0",
-         "dataset.demo.general_reading=0"]
 
 
 def test_save_steps_are_evenly_spaced_and_end_at_the_last_step():
@@ -46,23 +39,27 @@ def _adapter(path: Path) -> dict:
 
 
 def _run(root, run, extra=()):
-    return subprocess.run(FINETUNE + [f"output_root={root}", f"hydra.run.dir={root / run}", *QUICK, *extra],
-                          cwd=root, capture_output=True, text=True, timeout=900)
+    return run_finetune(root, run, ARGS + list(extra))
 
 
-def test_killed_run_resumes_to_the_same_adapter(tmp_path):
-    full = _run(tmp_path, "full")
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert [e["step"] for e in read_index(tmp_path / "full" / "checkpoints")] == [6, 12, 18, 24, 30]
-
-    run = tmp_path / "killed"
-    proc = subprocess.Popen(FINETUNE + [f"output_root={tmp_path}", f"hydra.run.dir={run}", *QUICK], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and max((e["step"] for e in read_index(run / "checkpoints")), default=0) < 18:
+def _wait_for(predicate, proc, seconds=300):
+    deadline = time.time() + seconds
+    while time.time() < deadline and not predicate():
+        assert proc.poll() is None, "the job ended before the test could interrupt it"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert predicate(), "timed out"
+
+
+def test_killed_run_resumes_to_the_same_adapter(quick_root, reference_run):
+    tmp_path = quick_root
+    assert [e["step"] for e in read_index(reference_run / "checkpoints")] == [6, 12, 18, 24, 30]
+
+    run = tmp_path / "resume-killed"
+    proc = start_finetune(tmp_path, "resume-killed", ARGS)
+    try:
+        _wait_for(lambda: max((e["step"] for e in read_index(run / "checkpoints")), default=0) >= 18, proc)
+    finally:
+        kill_group(proc)   # SIGKILL: no clean-up of any kind
     steps = [e["step"] for e in read_index(run / "checkpoints")]
     assert 18 in steps and 30 not in steps, steps
     # Damage the newest checkpoint: resume must notice (sha256), say so, and use the one before.
@@ -70,27 +67,36 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path):
     state = run / "checkpoints" / newest["state"]
     state.write_bytes(state.read_bytes()[:100])
 
-    resumed = _run(tmp_path, "killed", ["train.resume=true"])
+    resumed = _run(tmp_path, "resume-killed", ["train.resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"checkpoint at step {newest['step']} unusable" in resumed.stdout + resumed.stderr   # logged by Hydra
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_steps"] == 30 and summary["train_steps_this_run"] == 30 - (newest["step"] - 6)
-    a, b = _adapter(tmp_path / "full" / "adapter.ckpt"), _adapter(run / "adapter.ckpt")
+    a, b = _adapter(reference_run / "adapter.ckpt"), _adapter(run / "adapter.ckpt")
     assert set(a) == set(b) and a
     for name in a:
         np.testing.assert_allclose(b[name], a[name], atol=1e-6, rtol=0, err_msg=name)
     # the log has each step exactly once, and its losses equal the uninterrupted run's
-    full_log = (tmp_path / "full" / "train_log.csv").read_text().splitlines()
+    full_log = (reference_run / "train_log.csv").read_text().splitlines()
     log = (run / "train_log.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in log[1:]] == [str(i) for i in range(1, 31)]
     np.testing.assert_allclose([float(x.split(",")[1]) for x in log[1:]],
                                [float(x.split(",")[1]) for x in full_log[1:]], atol=1e-6)
 
 
-def test_resume_without_checkpoints_is_one_line(tmp_path):
-    proc = _run(tmp_path, "empty", ["train.resume=true", "model.pretrain.epochs=0"])
+def test_resume_without_checkpoints_is_one_line(quick_root):
+    proc = _run(quick_root, "resume-empty", ["train.resume=true"])
     assert proc.returncode == 2
     assert "finetune: error: train.resume: no usable checkpoint in" in proc.stderr
+
+
+def test_resume_with_other_lora_settings_is_refused(quick_root, reference_run):
+    """Resuming a rank-8 run's checkpoint with lora.alpha=32 would continue a different model:
+    refused at start-up, before any data or model is loaded."""
+    proc = _run(quick_root, "reference", ["train.resume=true", "lora.alpha=32"])
+    assert proc.returncode == 2
+    assert "finetune: error: train.resume: the checkpoint was trained with other LoRA settings: " \
+           "lora.alpha=32.0 (checkpoint: 16.0)" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_select_best_checkpoint_respects_retention():
@@ -105,24 +111,38 @@ def test_select_best_checkpoint_respects_retention():
     assert select_best([{"step": 1, "mc_accuracy": 1.0, "retained": False}]) is None
 
 
-def test_sigterm_marks_the_run_killed(tmp_path):
-    """A scheduler's SIGTERM: one line, exit 143, status KILLED in summary.json and in MLflow."""
+def _running(summary: Path) -> bool:
+    try:
+        return json.loads(summary.read_text())["status"] == "RUNNING"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stopped_run_is_marked_killed(quick_root, sig):
+    """A scheduler's SIGTERM (here as soon as the run has started) or a user's Ctrl-C (here during
+    training): one line, exit 128 + signal, status KILLED in summary.json and in MLflow. Once
+    MindSpore has run a graph, its runtime turns a SIGINT into a SIGTERM of the process (measured:
+    MindSpore 2.9's C++ SignalGuard), so Ctrl-C during training ends as a SIGTERM: 143."""
     import mlflow
 
-    run = tmp_path / "term"
-    proc = subprocess.Popen(FINETUNE + [f"output_root={tmp_path}", f"hydra.run.dir={run}", *QUICK,
-                                        "model.pretrain.epochs=0"],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = quick_root / f"stopped-{sig.name}"
+    proc = start_finetune(quick_root, run.name, ARGS)
     log = run / "train_log.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    assert f"finetune: interrupted by SIGTERM; run {run} marked KILLED\n" in err, err[-2000:]
+    started = (lambda: _running(run / "summary.json")) if sig == signal.SIGTERM else \
+        (lambda: log.is_file() and len(log.read_text().splitlines()) >= 3)
+    try:
+        _wait_for(started, proc)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    finally:
+        kill_group(proc)
+    _, err = output(proc)
+    seen = signal.SIGTERM   # SIGTERM itself, or Ctrl-C after MindSpore's runtime turned it into one
+    assert proc.returncode == 128 + seen, err[-2000:]
+    assert f"finetune: interrupted by {seen.name}; run {run} marked KILLED\n" in err, err[-2000:]
     assert "Traceback" not in err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "KILLED"
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{quick_root / 'mlflow.db'}")
     assert client.get_run(summary["mlflow_run_id"]).info.status == "KILLED"

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import QUICK
 from finetune.schema import ConfigError, TrackingConfig
 from finetune.tracking import default_uri, resolve_uri, server_problem
 
 BIN = Path(sys.executable).parent
-TINY = ["model.pretrain.epochs=0", "dataset.demo.num_words=40", "eval.limit=8", "eval.squad.limit=0"]
+TINY = [*QUICK, "model.pretrain.epochs=0", "eval.limit=8"]   # a random-init base: this module has its own store
 
 
 def free_port() -> int:
@@ -36,7 +37,7 @@ def rest(uri: str, path: str, **query) -> dict:
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     port = free_port()

@@ -18,14 +18,14 @@ def _squad_file(name: str) -> Path:
     return shared_path("data", "squad", name)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
 def dev_full():
     """(parsed JSON, flattened records) of the full official dev set, read once."""
     path = _squad_file("dev-v1.1.json")
     return json.loads(path.read_text(encoding="utf-8")), metrics.load_squad(path)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
 def dev_300_path() -> Path:
     return _squad_file("dev-v1.1.first300q.json")
 

@@ -12,17 +12,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from conftest import FINETUNE, QUICK
 from finetune.schema import SweepConfig
 from finetune.sweep import objective_value, pick_best, retained
 
-FINETUNE = [str(Path(sys.executable).with_name("finetune"))]
-# Tiny jobs: random-init base (no pretraining), 2 optimizer steps, 8 questions, no SQuAD.
-TINY = ["model.pretrain.epochs=0", "dataset.demo.num_words=40", "train.max_steps=2", "eval.limit=8",
-        "eval.squad.limit=0"]
+# Tiny jobs: the QUICK demo (its base comes from quick_root's cache), 2 optimizer steps, 8 questions.
+TINY = [*QUICK, "train.max_steps=2", "eval.limit=8"]
 
 
 def _multirun(tmp: Path, name: str, args: list[str]) -> subprocess.CompletedProcess:
-    cmd = FINETUNE + ["-m", f"output_root={tmp}", f"hydra.sweep.dir={tmp / name}", f"tracking.experiment={name}",
+    cmd = [FINETUNE, "-m", f"output_root={tmp}", f"hydra.sweep.dir={tmp / name}", f"tracking.experiment={name}",
                       *TINY, *args]
     return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=1200)
 
@@ -39,13 +38,13 @@ def _runs(tmp: Path, experiment: str):
     return client, parents[0], children
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """One output_root for the module: the prepared demo data is built once."""
-    return tmp_path_factory.mktemp("sweep")
+@pytest.fixture(scope="session")   # session: xdist may interleave modules of one group
+def root(quick_root):
+    """The session's output_root: the prepared demo data and the base are built once."""
+    return quick_root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # session: xdist may interleave modules of one group
 def grid(root):
     # 2x2: jobs 0..3 = (train, base) (train, no base) (no train, base) (no train, no base); the last has
     # nothing to evaluate (no adapter, eval.base=false): a ModelError inside its tracked run.
@@ -118,7 +117,7 @@ def test_report_on_a_real_run_dir(grid):
     assert float(rows["ALL"]["accuracy"]) == s["mc_accuracy"] and int(rows["ALL"]["n"]) == 8
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # session: xdist may interleave modules of one group
 def optuna(root):
     # Trials evaluate without training (the grid above trains): the objective is contest_score, which the
     # sampled lora.rank moves (trainable ratio) while the accuracy stays the base model's.

@@ -11,11 +11,11 @@ from mlflow.tracking import MlflowClient
 from finetune.tracking import MAX_PARAM_VALUE, Tracker, default_uri, flatten, sanitize
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One SQLite store for the module: creating (migrating) a new database costs seconds."""
+@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
+def store(tmp_path_factory, new_store):
+    """One SQLite store for the module, a copy of the session's template."""
     root = tmp_path_factory.mktemp("mlflow")
-    return root, default_uri(root)
+    return root, new_store(root)
 
 
 def _tracker(store, experiment: str, **kw) -> Tracker:

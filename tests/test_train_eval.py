@@ -4,12 +4,15 @@ import pytest
 
 from conftest import compose
 from finetune.data.mindrecord import read_shards
-from finetune.evaluate import build_eval_prompts, letter_logits, letter_token_ids
-from finetune.lora import apply_lora, load_adapter, save_adapter
-from finetune.model import ModelError, build_model, count_params
-from finetune.prepare import load_questions, prepare
+from finetune.adapter import load_adapter, save_adapter
+from finetune.data.prepared import load_questions
+from finetune.errors import ModelError
+from finetune.lora import apply_lora
+from finetune.model import build_model, count_params
+from finetune.prepare import prepare
+from finetune.scoring import build_eval_prompts, letter_logits, letter_token_ids
 from finetune.tokenizer import load_tokenizer
-from finetune.train import run_steps
+from finetune.train import Schedule, run_steps
 
 
 class _NoTracker:
@@ -17,7 +20,7 @@ class _NoTracker:
         pass
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
 def setup(ms_cpu, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     tok = load_tokenizer("tiktoken", None)
@@ -28,7 +31,7 @@ def setup(ms_cpu, tmp_path_factory):
 
 
 def _lora_net(cfg, tok, batch=16):
-    return apply_lora(build_model(cfg.model, cfg.hardware, tok, batch, seed=0), cfg.lora)
+    return apply_lora(build_model(cfg.model, cfg.hardware, tok, batch, seed=0), cfg.lora, 0)
 
 
 def test_param_counts_tiny():
@@ -49,7 +52,7 @@ def test_target_regex_matching_nothing_is_an_error():
     cfg = compose(["lora.target_modules=.*query_proj"])
     tok = load_tokenizer("tiktoken", None)
     with pytest.raises(ModelError, match="matches no layer"):
-        apply_lora(build_model(cfg.model, cfg.hardware, tok, 16, seed=0), cfg.lora)
+        apply_lora(build_model(cfg.model, cfg.hardware, tok, 16, seed=0), cfg.lora, 0)
 
 
 def test_lora_training_decreases_loss_and_only_moves_the_adapter(setup, tmp_path):
@@ -57,9 +60,8 @@ def test_lora_training_decreases_loss_and_only_moves_the_adapter(setup, tmp_path
     net = _lora_net(cfg, tok)
     before = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
     opt_cfg = compose(["optimizer.learning_rate=5e-3"]).optimizer
-    stats = run_steps(net, ids, labels, batch_size=16, epochs=1, accumulation=1, max_steps=20, opt_cfg=opt_cfg,
-                      hw=cfg.hardware, seed=0, shuffle=True, pad_id=tok.pad_id, tracker=_NoTracker(),
-                      prefix="t_", desc="test")
+    stats = run_steps(net, ids, labels, Schedule(batch_size=16, epochs=1, seed=0, max_steps=20), opt_cfg=opt_cfg,
+                      hw=cfg.hardware, pad_id=tok.pad_id, tracker=_NoTracker(), prefix="t_", desc="test")
     assert stats["steps"] == 20
     # A random-init base: the answer loss starts near ln(vocab) ~ 7.9 and LoRA alone pulls it well down.
     assert stats["loss_first"] > 6.0
@@ -85,9 +87,10 @@ def test_accumulation_and_dynamic_loss_scale_match_plain_steps(setup):
     for batch, accum, scale in ((16, 1, "none"), (8, 2, "dynamic")):
         c = compose(["lora.dropout=0.0", f"hardware.loss_scale.kind={scale}", "optimizer.learning_rate=5e-3"])
         net = _lora_net(c, tok, batch)
-        stats = run_steps(net, ids, labels, batch_size=batch, epochs=1, accumulation=accum, max_steps=6,
-                          opt_cfg=c.optimizer, hw=c.hardware, seed=0, shuffle=True, pad_id=tok.pad_id,
-                          tracker=_NoTracker(), prefix="t_", desc="test")
+        stats = run_steps(net, ids, labels, Schedule(batch_size=batch, epochs=1, seed=0, accumulation=accum,
+                                                     max_steps=6),
+                          opt_cfg=c.optimizer, hw=c.hardware, pad_id=tok.pad_id, tracker=_NoTracker(), prefix="t_",
+                          desc="test")
         curves.append(stats["losses"])
     np.testing.assert_allclose(curves[0], curves[1], atol=2e-4)
 
@@ -158,7 +161,7 @@ def test_apply_lora_seeds_every_lora_dropout():
 
     cfg = compose(["lora.dropout=0.1"])
     tok = load_tokenizer("tiktoken", None)
-    net = apply_lora(build_model(cfg.model, cfg.hardware, tok, 4, seed=0), cfg.lora)
+    net = apply_lora(build_model(cfg.model, cfg.hardware, tok, 4, seed=0), cfg.lora, 0)
     dropouts = [c.lora_dropout for _, c in net.cells_and_names() if hasattr(c, "lora_dropout")]
     assert len(dropouts) == 16                                   # 4 layers x wq, wk, wv, wo
     assert not any(isinstance(d, nn.Dropout) for d in dropouts)

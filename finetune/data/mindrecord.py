@@ -63,14 +63,23 @@ def write_shards(examples: list[tuple[list[int], list[int]]], path: Path, num_sh
 
 def read_shards(path: Path, num_shards: int = 1, shard_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The examples of one data-parallel rank's shard as two int32 arrays [N, seq_length + 1]."""
+    import signal
+    import threading
+
     import mindspore.dataset as ds
 
     f = shard_path(Path(path), num_shards, shard_id)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
     data = ds.MindDataset(str(f), columns_list=["input_ids", "labels"], shuffle=False)
     ids, labels = [], []
     for row in data.create_dict_iterator(output_numpy=True, num_epochs=1):
         ids.append(row["input_ids"])
         labels.append(row["labels"])
+    if main_thread and previous is not None:
+        # MindSpore's dataset engine installs a C-level SIGINT handler that ends the process (exit 0,
+        # no clean-up: measured); Ctrl-C must stay Python's KeyboardInterrupt, which marks the run KILLED.
+        signal.signal(signal.SIGINT, previous)
     if not ids:
         raise ValueError(f"{f}: MindRecord holds no examples")
     return np.stack(ids), np.stack(labels)
