@@ -149,6 +149,9 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         status = "KILLED"
         raise
     except Exception as e:
+        if _signals_received:   # the signal's exception was turned into another one (e.g. inside a C extension's import)
+            status = "KILLED"
+            raise Interrupted(_signals_received[-1]) from None
         tracker.set_tags({"error": str(e)[:1000]})
         summary["error"] = str(e)[:1000]
         raise
@@ -215,7 +218,11 @@ class Interrupted(KeyboardInterrupt):
     """SIGTERM, turned into the same clean stop as Ctrl-C."""
 
 
+_signals_received: list[str] = []
+
+
 def _raise_interrupt(signum, frame):
+    _signals_received.append(signal.Signals(signum).name)
     raise Interrupted(signal.Signals(signum).name)
 
 

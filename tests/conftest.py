@@ -177,6 +177,7 @@ XDIST_GROUPS = {"test_pipeline": "quick-a", "test_sweep": "quick-a", "test_resum
                 "test_parallel": "quick-b"}
 
 
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
