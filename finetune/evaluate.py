@@ -32,8 +32,11 @@ def evaluate(ctx) -> dict:
                                                    cfg.model.seq_length)
     answers, subjects = [q.answer for q in questions], [q.subject for q in questions]
 
+    mc_stats: dict = {}
+
     def score_mc(net) -> dict:
-        logits = letter_logits(net, token_lists, letter_ids, cfg.eval.batch_size, cfg.model.seq_length, tok.pad_id)
+        logits = letter_logits(net, token_lists, letter_ids, cfg.eval.batch_size, cfg.model.seq_length, tok.pad_id,
+                               mc_stats)
         preds, probs = choose(logits)
         return {"accuracy": metrics.accuracy(preds, answers),
                 "per_subject": metrics.per_subject_accuracy(subjects, preds, answers),
@@ -99,6 +102,8 @@ def evaluate(ctx) -> dict:
         squad_fn = squad if squad_records and base_squad is not None else None
         result.update(score_checkpoints(net, run_dir, ctx.tracker, score_mc, squad_fn, base_squad,
                                         cfg.eval.retention_threshold))
+    if mc_stats:   # one pass over the questions: padded / processed tokens and the compiled shapes
+        result.update(eval_pad_fraction=1 - mc_stats["tokens"] / mc_stats["processed"], eval_shapes=mc_stats["shapes"])
     result["contest_score"] = contest_score(result["mc_accuracy"], result["trainable_ratio_pct"] / 100.0)
     result["squad_questions"] = len(squad_records)
     result["squad_set"] = str(squad_path) if squad_path else None

@@ -1,8 +1,9 @@
 """Greedy decoding on CPU (MindFormers' generate() needs Ascend-only kernels, e.g. ArgMaxExt).
 
-No KV cache: each new token is one full forward pass over [batch, seq_length]. Rows are
-right-padded, so with causal attention a row's next token depends only on its own tokens,
-never on its batch neighbours or their padding.
+Each new token is one forward pass over the batch cut to its current length bucket
+(forward.bucket), with the head on each row's last position only (forward.last_logits_cell).
+Rows are right-padded, so with causal attention a row's next token depends only on its own
+tokens, never on its batch neighbours or their padding. Prompts are batched in order of length.
 """
 from __future__ import annotations
 
@@ -10,35 +11,48 @@ import numpy as np
 
 
 def greedy_generate(net, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
-                    seq_length: int, batch_size: int) -> list[list[int]]:
-    """New token ids per prompt (EOS not included), at most max_new_tokens or up to seq_length."""
+                    seq_length: int, batch_size: int, stats: dict | None = None) -> list[list[int]]:
+    """New token ids per prompt (EOS not included), at most max_new_tokens or up to seq_length.
+    `stats`, when given, gets the tokens processed and the compiled shapes."""
     import mindspore as ms
 
-    net.set_train(False)
-    results: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        seqs = [list(p) for p in prompts[start:start + batch_size]]
+    from .forward import bucket, last_logits_cell
+
+    head = last_logits_cell(net)
+    head.set_train(False)
+    results: list[list[int]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    processed, shapes = 0, set()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        seqs = [list(prompts[i]) for i in chunk]
         for p in seqs:
             if not 0 < len(p) <= seq_length:
                 raise ValueError(f"prompt of {len(p)} tokens does not fit model.seq_length={seq_length}")
-        new: list[list[int]] = [[] for _ in seqs]
         done = [len(s) >= seq_length for s in seqs]
         for _ in range(max_new_tokens):
             if all(done):
                 break
-            x = np.full((batch_size, seq_length), pad_id, np.int32)
-            for i, s in enumerate(seqs):
-                x[i, :len(s)] = s
-            logits = net(ms.Tensor(x))[0].asnumpy()
-            for i, s in enumerate(seqs):
-                if done[i]:
+            length = bucket(max(len(s) for s, d in zip(seqs, done) if not d), seq_length)
+            x = np.full((batch_size, length), pad_id, np.int32)
+            flat = np.arange(batch_size, dtype=np.int32) * length
+            for row, s in enumerate(seqs):
+                if not done[row]:
+                    x[row, :len(s)] = s
+                    flat[row] += len(s) - 1
+            logits = head(ms.Tensor(x), ms.Tensor(flat)).asnumpy()
+            processed += x.size
+            shapes.add(x.shape)
+            for row, s in enumerate(seqs):
+                if done[row]:
                     continue
-                token = int(np.argmax(logits[i, len(s) - 1]))
+                token = int(np.argmax(logits[row]))
                 if token == eos_id:
-                    done[i] = True
+                    done[row] = True
                     continue
                 s.append(token)
-                new[i].append(token)
-                done[i] = len(s) >= seq_length
-        results.extend(new)
+                results[chunk[row]].append(token)
+                done[row] = len(s) >= seq_length
+    if stats is not None:
+        stats.update(processed=processed, shapes=len(shapes))
     return results

@@ -35,8 +35,10 @@ def setup_context(hw, seed: int) -> None:
     ms.set_seed(seed)
 
 
-def llama_config(model_cfg, hw, vocab_size: int, tok, batch_size: int):
-    """MindFormers LlamaConfig for the model + hardware groups."""
+def llama_config(model_cfg, hw, vocab_size: int, tok, batch_size: int, dynamic: bool = True):
+    """MindFormers LlamaConfig for the model + hardware groups. dynamic (is_dynamic): the model takes
+    any sequence length up to seq_length (the causal mask and rotary tables are sliced to the input),
+    so batches can be cut to their length bucket (finetune/forward.py)."""
     from mindformers import LlamaConfig
 
     return LlamaConfig(
@@ -69,6 +71,7 @@ def llama_config(model_cfg, hw, vocab_size: int, tok, batch_size: int):
         # MindFormers reads recompute from parallel_config.recompute (a recompute_config key is ignored).
         parallel_config={"recompute": {"recompute": hw.recompute}},
         use_past=False,
+        is_dynamic=dynamic,
         checkpoint_name_or_path="",
     )
 
@@ -84,7 +87,7 @@ def vocab_size_for(model_cfg, tok) -> int:
     return vocab
 
 
-def build_model(model_cfg, hw, tok, batch_size: int, seed: int | None = None):
+def build_model(model_cfg, hw, tok, batch_size: int, seed: int | None = None, dynamic: bool = True):
     """A LlamaForCausalLM with MindSpore's initializers. `seed` (when given) seeds that init: only
     a random-init base (finetune/base.py) depends on it; every stage loads weights from a file."""
     import mindspore as ms
@@ -92,7 +95,7 @@ def build_model(model_cfg, hw, tok, batch_size: int, seed: int | None = None):
 
     if seed is not None:
         ms.set_seed(seed)
-    return LlamaForCausalLM(llama_config(model_cfg, hw, vocab_size_for(model_cfg, tok), tok, batch_size))
+    return LlamaForCausalLM(llama_config(model_cfg, hw, vocab_size_for(model_cfg, tok), tok, batch_size, dynamic))
 
 
 def load_model(model_cfg, hw, tok, batch_size: int, checkpoint: str | Path, what: str = "base checkpoint"):

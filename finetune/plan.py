@@ -22,7 +22,10 @@ from .layout import NORMS, dense_layers, module_param_counts
 # MindSpore reads max_device_memory="58GB" as 58 x 2^30 bytes (kGBToByte = 1024 << 20 in its
 # runtime), so every memory figure here is in that unit, to compare like with like.
 GB = 2 ** 30
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}   # hardware.*_type are schema enums of these
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Labelled positions per training row: a multiple-choice answer's letter and EOS (the LM head runs
+# on these only; longer rehearsal answers raise it for their batches).
+ANSWER_TOKENS = 2   # hardware.*_type are schema enums of these
 
 
 def _bytes_of(dtype: str, key: str) -> int:
@@ -110,8 +113,9 @@ def memory_estimate(cfg, counts: dict[str, int], lora_params: int, vocab_size: i
         "grad_accumulation": lora_fp32 if par.gradient_accumulation_steps > 1 else 0,
         "activations_no_recompute": act["no_recompute"] // par.model_parallel,
         "activations_recompute": act["recompute"] // par.model_parallel,
-        # logits in fp32 for the cross-entropy: b x s x vocab x 4 bytes
-        "logits": cfg.train.batch_size * m.seq_length * (vocab_size or 0) * 4 // par.model_parallel,
+        # fp32 logits for the cross-entropy, only where the loss is (forward.answer_loss_cell):
+        # b x ANSWER_TOKENS x vocab x 4 bytes (it was b x seq_length x vocab x 4 before)
+        "logits": cfg.train.batch_size * ANSWER_TOKENS * (vocab_size or 0) * 4 // par.model_parallel,
     }
 
 

@@ -77,8 +77,10 @@ def predict(ctx) -> dict:
         net, model_used = ctx.load_base(p.batch_size), "base"
     t0 = time.perf_counter()
     results: list[dict] = [{"id": r["id"]} for r in records]
+    mc_stats: dict = {}
     if mc:
-        logits = letter_logits(net, [ids[i] for i in mc], letter_token_ids(tok, style), p.batch_size, seq, tok.pad_id)
+        logits = letter_logits(net, [ids[i] for i in mc], letter_token_ids(tok, style), p.batch_size, seq, tok.pad_id,
+                               mc_stats)
         preds, probs = choose(logits)
         for k, i in enumerate(mc):
             results[i]["prediction"] = preds[k]
@@ -98,6 +100,8 @@ def predict(ctx) -> dict:
     out = {"predict_output": str(output), "predict_input": str(source), "predict_model": model_used,
            "predict_records": len(records), "predict_multiple_choice": len(mc),
            "predict_examples_per_s": len(records) / seconds if seconds else float("nan")}
+    if mc_stats:
+        out.update(predict_pad_fraction=1 - mc_stats["tokens"] / mc_stats["processed"], predict_shapes=mc_stats["shapes"])
     if p.format == "npy":
         indices = np.array([LETTERS.index(r["prediction"]) if "probabilities" in r else -1 for r in results],
                            dtype=np.int64)

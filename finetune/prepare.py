@@ -29,7 +29,8 @@ from .tokenizer import tokenizer_fingerprint
 log = logging.getLogger("finetune.prepare")
 
 # Bump when the prepared layout or prompt/tokenization logic changes, to invalidate caches.
-FORMAT_VERSION = 3   # 2: the demo's SQuAD-format reading set (squad.json); 3: general records mixed in
+FORMAT_VERSION = 4   # 2: the demo's SQuAD-format reading set (squad.json); 3: general records mixed in;
+# 4: training rows sorted by length within chunks (data/mindrecord.length_grouped)
 READERS = {"mmlu": read_mmlu, "cmmlu": read_cmmlu}
 
 
@@ -167,7 +168,7 @@ def prepare(cfg, tok) -> Path:
                 log.warning("prepare: %d of %d general records exceed model.seq_length=%d tokens and are left out",
                             general_long, len(general), cfg.model.seq_length)
         (tmp / TRAIN_RECORDS).parent.mkdir()
-        write_shards(examples, tmp / TRAIN_RECORDS, cfg.parallel.data_parallel)
+        write_shards(examples, tmp / TRAIN_RECORDS, cfg.parallel.data_parallel, tok.pad_id)
         if corpus:
             (tmp / CORPUS_FILE).write_text(json.dumps(corpus, ensure_ascii=False, indent=0), encoding="utf-8")
         if squad:

@@ -50,24 +50,41 @@ def build_eval_prompts(questions: list[Question], dev: list[Question], style: st
 
 
 def letter_logits(net, token_lists: list[list[int]], letter_ids: list[int], batch_size: int, seq_length: int,
-                  pad_id: int) -> np.ndarray:
+                  pad_id: int, stats: dict | None = None) -> np.ndarray:
     """[N, 4] logits of the letter tokens at each prompt's last position.
 
-    Every batch has the same shape [batch_size, seq_length] (right-padded; the last batch filled
-    with padding rows), so graph mode compiles once; with causal attention, padding after a
-    prompt cannot change the logits at its last position."""
+    Prompts are taken in order of length, batch_size at a time, each batch right-padded to its
+    length bucket (forward.bucket: a multiple of 64 up to seq_length; the last batch filled with
+    padding rows), and the head runs on the last prompt position only (forward.last_logits_cell).
+    With causal attention, padding after a prompt cannot change the logits at its last position,
+    so the result is the full model's at that position. `stats`, when given, gets the tokens
+    processed and padded and the compiled shapes."""
     import mindspore as ms
 
-    net.set_train(False)
+    from .forward import bucket, last_logits_cell
+
+    head = last_logits_cell(net)
+    head.set_train(False)
     out = np.zeros((len(token_lists), len(letter_ids)), np.float32)
-    for start in range(0, len(token_lists), batch_size):
-        chunk = token_lists[start:start + batch_size]
-        x = np.full((batch_size, seq_length), pad_id, np.int32)
-        for i, ids in enumerate(chunk):
-            x[i, :len(ids)] = ids
-        logits = net(ms.Tensor(x))[0].asnumpy()  # eval mode: (logits [B, S, V], tokens, mask)
-        for i, ids in enumerate(chunk):
-            out[start + i] = logits[i, len(ids) - 1, letter_ids]
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    real = processed = 0
+    shapes = set()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        length = bucket(max(len(token_lists[i]) for i in chunk), seq_length)
+        x = np.full((batch_size, length), pad_id, np.int32)
+        flat = np.arange(batch_size, dtype=np.int32) * length      # padding rows: position 0
+        for row, i in enumerate(chunk):
+            x[row, :len(token_lists[i])] = token_lists[i]
+            flat[row] += len(token_lists[i]) - 1
+        logits = head(ms.Tensor(x), ms.Tensor(flat)).asnumpy()    # [batch_size, vocab]
+        for row, i in enumerate(chunk):
+            out[i] = logits[row, letter_ids]
+        real += sum(len(token_lists[i]) for i in chunk)
+        processed += x.size
+        shapes.add(x.shape)
+    if stats is not None:
+        stats.update(tokens=real, processed=processed, shapes=len(shapes))
     return out
 
 

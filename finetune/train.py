@@ -19,6 +19,7 @@ from .adapter import ADAPTER_FILE, read_adapter, save_adapter, load_adapter
 from .checkpoints import add_to_index, newest_valid, save_steps
 from .data.mindrecord import read_shards
 from .errors import ModelError
+from .forward import answer_loss_cell, answer_positions, bucket, labelled_per_row, row_lengths
 from .lora import apply_lora
 from .ckpt import read_checkpoint, save_checkpoint
 from .model import count_params, param_summary
@@ -51,9 +52,10 @@ def make_optimizer(params, opt_cfg, total_steps: int):
 
 def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int, world: int = 1):
     """(micro_step, step, scaler) for one optimizer step over `accumulation` micro-batches.
+    `net(*inputs)` returns the loss: the model itself (input_ids, labels), or forward.answer_loss_cell.
 
-    micro_step(x, y) -> scaled loss: adds this micro-batch's gradients to fp32 buffers.
-    step(x, y) -> (scaled loss, grad norm, finite): the last micro-batch; averages the buffered
+    micro_step(*inputs) -> scaled loss: adds this micro-batch's gradients to fp32 buffers.
+    step(*inputs) -> (scaled loss, grad norm, finite): the last micro-batch; averages the buffered
     gradients, unscales, checks for overflow, clips, updates (skipped on overflow), clears.
     Everything stays inside jit graphs: handing gradient tuples from one jit call to another
     costs ~2.5 s per step on CPU here, against ~0.35 s for the whole fused step.
@@ -71,11 +73,11 @@ def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int, wor
         scaler = amp.DynamicLossScaler(loss_scale.init_scale, int(loss_scale.factor), loss_scale.window)
 
     if scaler is None:
-        def forward(x, y):
-            return net(x, y)
+        def forward(*inputs):
+            return net(*inputs)
     else:
-        def forward(x, y):
-            return scaler.scale(net(x, y))
+        def forward(*inputs):
+            return scaler.scale(net(*inputs))
     grad_fn = ms.value_and_grad(forward, None, opt.parameters)
     buffers = ms.ParameterTuple([ms.Parameter(ops.zeros(p.shape, ms.float32), name=f"accum.{p.name}",
                                               requires_grad=False)
@@ -84,8 +86,8 @@ def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int, wor
     allreduce = ops.AllReduce() if world > 1 else None   # sum over ranks
 
     @ms.jit
-    def micro_step(x, y):
-        loss, grads = grad_fn(x, y)
+    def micro_step(*inputs):
+        loss, grads = grad_fn(*inputs)
         for buf, g in zip(buffers, grads):
             ops.assign_add(buf, g.astype(ms.float32))
         if world > 1:
@@ -93,8 +95,8 @@ def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int, wor
         return loss
 
     @ms.jit
-    def step(x, y):
-        loss, grads = grad_fn(x, y)
+    def step(*inputs):
+        loss, grads = grad_fn(*inputs)
         if accumulation > 1:
             grads = tuple((buf + g.astype(ms.float32)) / accumulation for buf, g in zip(buffers, grads))
             for buf in buffers:
@@ -158,14 +160,28 @@ def total_steps(rows: int, rows_per_step: int, epochs: int, max_steps: int | Non
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "loss_scale")
 
 
+def batch_inputs(ids: np.ndarray, labels: np.ndarray, pad_id: int, answers_per_row: int | None) -> tuple:
+    """The step's inputs for rows of prepared data ([B, seq_length + 1] ids and labels) and the tokens
+    the model processes. answers_per_row None: the whole rows, for the model's own loss over every
+    position (pretraining on packed text). Otherwise (LoRA on exam questions) the rows are cut to a
+    length bucket and the loss is taken at the labelled positions only (forward.answer_loss_cell)."""
+    if answers_per_row is None:
+        return (ids, labels), ids[:, :-1].size
+    length = bucket(int(row_lengths(ids, pad_id).max()) - 1, ids.shape[1] - 1)   # tokens the model reads
+    flat, target, mask = answer_positions(ids[:, :length + 1], labels[:, :length + 1], pad_id, answers_per_row)
+    return (ids[:, :length], flat, target, mask), ids.shape[0] * length
+
+
 def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, opt_cfg, hw, pad_id: int, tracker,
               prefix: str, desc: str, world: int = 1, log_file: Path | None = None, save_at=(), on_save=None,
-              resume_state: tuple[int, Path] | None = None) -> dict:
+              resume_state: tuple[int, Path] | None = None, sparse: bool = False) -> dict:
     """The training loop shared by LoRA fine-tuning and base pretraining.
 
     ids/labels are this rank's shard; one optimizer step takes batch_size x accumulation rows
     from every rank. on_save(step, state) runs after the steps listed in save_at, with state =
-    optimizer_state(...); resume_state = (step, state file) continues after that step."""
+    optimizer_state(...); resume_state = (step, state file) continues after that step.
+    sparse: the loss only at labelled positions, rows cut to length buckets (batch_inputs); the
+    same loss and gradients as the full model, computed on the real tokens."""
     import mindspore as ms
 
     batch_size, accumulation, seed = schedule.batch_size, schedule.accumulation, schedule.seed
@@ -177,7 +193,10 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, o
     total = total_steps(len(ids), per_step, schedule.epochs, schedule.max_steps)
     params = [p for p in net.get_parameters() if p.requires_grad]
     opt, lr_schedule = make_optimizer(params, opt_cfg, total)
-    micro_step, full_step, scaler = make_step(net, opt, hw.loss_scale, opt_cfg.max_grad_norm, accumulation, world)
+    answers_per_row = labelled_per_row(labels) if sparse else None
+    loss_net = answer_loss_cell(net) if sparse else net
+    micro_step, full_step, scaler = make_step(loss_net, opt, hw.loss_scale, opt_cfg.max_grad_norm, accumulation,
+                                              world)
     state = optimizer_state(opt, scaler)
     start = 0
     if resume_state is not None:
@@ -190,7 +209,7 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, o
         return float(scaler.scale_value.asnumpy()) if scaler is not None else 1.0
 
     log_rows = _open_log(log_file, start)
-    losses, tokens_done, timed_tokens, timed_seconds, skipped = [], 0, 0, 0.0, 0
+    losses, tokens_done, timed_tokens, timed_seconds, skipped, processed, shapes = [], 0, 0, 0.0, 0, 0, set()
     order, order_epoch = None, -1
     bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
     for step in range(start + 1, total + 1):
@@ -202,11 +221,14 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, o
         loss_sum, step_tokens, scale = 0.0, 0, current_scale()
         for m in range(accumulation):
             rows = slice((k * accumulation + m) * batch_size, (k * accumulation + m + 1) * batch_size)
-            x, y = ms.Tensor(ids[rows]), ms.Tensor(labels[rows])
+            arrays, n_processed = batch_inputs(ids[rows], labels[rows], pad_id, answers_per_row)
+            processed += n_processed * world
+            shapes.add(arrays[0].shape)
+            inputs = tuple(ms.Tensor(a) for a in arrays)
             if m < accumulation - 1:
-                loss = micro_step(x, y)
+                loss = micro_step(*inputs)
             else:
-                loss, norm, finite = full_step(x, y)
+                loss, norm, finite = full_step(*inputs)
             loss_sum += float(loss.asnumpy().item()) / scale
             step_tokens += int((ids[rows][:, :-1] != pad_id).sum()) * world  # every rank takes as many rows
         dt = time.perf_counter() - t0
@@ -236,7 +258,9 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, o
     tokens_per_s = timed_tokens / timed_seconds if timed_seconds else float("nan")
     return {"steps": total, "steps_this_run": total - start, "loss_first": losses[0] if losses else float("nan"),
             "loss_last": losses[-1] if losses else float("nan"), "losses": losses, "tokens_per_s": tokens_per_s,
-            "tokens": tokens_done, "overflow_steps": skipped, "seconds": timed_seconds}
+            "tokens": tokens_done, "overflow_steps": skipped, "seconds": timed_seconds,
+            # padded / processed tokens, and how many input shapes the step was compiled for
+            "pad_fraction": 1 - tokens_done / processed if processed else float("nan"), "shapes": len(shapes)}
 
 
 def _open_log(log_file: Path | None, start: int):
@@ -290,7 +314,7 @@ def train(ctx) -> dict:
     stats = run_steps(net, ids, labels, schedule, opt_cfg=cfg.optimizer, hw=cfg.hardware, pad_id=ctx.tok.pad_id,
                       tracker=ctx.tracker, prefix="train_", desc="LoRA train", world=dp,
                       log_file=run_dir / "train_log.csv" if r == 0 else None, save_at=save_at, on_save=on_save,
-                      resume_state=resume_state)
+                      resume_state=resume_state, sparse=True)
     if r == 0:
         save_adapter(net, run_dir / ADAPTER_FILE)
     losses = _logged_losses(run_dir / "train_log.csv") if r == 0 else stats["losses"]
@@ -298,6 +322,8 @@ def train(ctx) -> dict:
         "train_loss_first": losses[0] if losses else stats["loss_first"],
         "train_loss_last": stats["loss_last"],
         "train_tokens_per_s": stats["tokens_per_s"],
+        "train_pad_fraction": stats["pad_fraction"],
+        "train_shapes": stats["shapes"],
         "train_steps": stats["steps"],
         "train_steps_this_run": stats["steps_this_run"],
         "train_overflow_steps": stats["overflow_steps"],

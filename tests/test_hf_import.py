@@ -61,6 +61,27 @@ def test_greedy_story_and_batch_independence(stories):
     # the same prompt next to longer, different neighbours gives the same tokens
     batch = greedy_generate(stories.net, [[1, 403, 407, 261], [1], [1, 378, 5]], 40, 2, 0, 128, 4)
     assert batch[1] == alone
+    # and the same tokens as the plain method: the whole padded window, every position, every step
+    for prompt, got in zip([[1, 403, 407, 261], [1], [1, 378, 5]], batch):
+        assert got == full_window_greedy(stories.net, prompt, 40, 2, 0, 128)
+
+
+def full_window_greedy(net, prompt, max_new_tokens, eos_id, pad_id, seq_length):
+    """The reference: net(x)[0] over [1, seq_length] for every new token (what generate.py did before
+    length buckets and last-position logits)."""
+    import mindspore as ms
+
+    net.set_train(False)
+    seq, new = list(prompt), []
+    for _ in range(max_new_tokens):
+        x = np.full((4, seq_length), pad_id, np.int32)   # the compiled batch size
+        x[0, :len(seq)] = seq
+        token = int(np.argmax(net(ms.Tensor(x))[0].asnumpy()[0, len(seq) - 1]))
+        if token == eos_id:
+            break
+        seq.append(token)
+        new.append(token)
+    return new
 
 
 def test_converted_checkpoint_is_cached_and_loads(stories):

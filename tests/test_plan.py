@@ -149,8 +149,8 @@ def test_ascend910b_recompute_reaches_mindformers(shared):
 def test_memory_refuses_what_does_not_fit_and_accepts_the_seed_setup(tmp_path):
     cfg = internlm(["hardware.param_init_type=float32", "train.batch_size=64", "hardware.recompute=false"])
     # by hand, bytes per device: fp32 weights + fp32 LoRA (params, grads, 2 moments)
-    # + 32 layers x 34 s b h (16-bit, flash attention) + fp32 logits b s V
-    need = BASE * 4 + LORA * 4 * 4 + 32 * 34 * 2048 * 64 * 4096 + 64 * 2048 * 103168 * 4
+    # + 32 layers x 34 s b h (16-bit, flash attention) + fp32 logits b x 2 (answer + EOS) x V
+    need = BASE * 4 + LORA * 4 * 4 + 32 * 34 * 2048 * 64 * 4096 + 64 * 2 * 103168 * 4
     short = (need - 58 * GB) / GB
     with pytest.raises(ConfigError, match=rf"needs {need / GB:.2f} GB per device .*"
                                           rf"hardware.max_device_memory=58GB is short by {short:.2f} GB"):
@@ -163,15 +163,15 @@ def test_memory_refuses_what_does_not_fit_and_accepts_the_seed_setup(tmp_path):
     # 7,321,948,160 x 2 bytes = 14.64e9 at fp16, plus the RMSNorm weights, which MindFormers keeps in
     # float32 (layernorm_compute_type): 65 x 4096 x 2 more bytes
     assert mem["base_weights"] == 7_321_948_160 * 2 + 65 * 4096 * 2 == 14_644_428_800
-    assert mem["logits"] == 2 * 2048 * 103168 * 4
+    assert mem["logits"] == 2 * 2 * 103168 * 4    # batch 2 x the two labelled positions (was x 2048 positions)
     assert mem["activations_recompute"] == 32 * 2 * 2048 * 2 * 4096 + 34 * 2048 * 2 * 4096
     assert mem["optimizer_state"] == 2 * LORA * 4
     total = mem["base_weights"] + 4 * LORA * 4 + mem["logits"] + mem["activations_recompute"]
-    assert r["plan_memory_gb"] == r["plan_memory_gb_recompute"] == pytest.approx(total / GB)   # 16.87
+    assert r["plan_memory_gb"] == r["plan_memory_gb_recompute"] == pytest.approx(total / GB)   # 15.30
     no_recompute = total - mem["activations_recompute"] + 32 * 34 * 2048 * 2 * 4096   # flash attention: no s^2 term
     assert mem["activations_no_recompute"] == 32 * 34 * 2048 * 2 * 4096
     assert r["plan_memory_gb_no_recompute"] == pytest.approx(no_recompute / GB)
-    assert (round(r["plan_memory_gb_no_recompute"], 2), round(r["plan_memory_gb"], 2)) == (32.34, 16.87)   # README
+    assert (round(r["plan_memory_gb_no_recompute"], 2), round(r["plan_memory_gb"], 2)) == (30.77, 15.30)   # README
 
 
 def test_weight_bytes_equal_a_real_model_built_with_ascend_dtypes(ms_cpu):

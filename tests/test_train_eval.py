@@ -20,6 +20,15 @@ class _NoTracker:
         pass
 
 
+class _Rows:
+    """Collects the step metrics run_steps logs."""
+    def __init__(self, rows):
+        self.rows = rows
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append(metrics)
+
+
 @pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
 def setup(ms_cpu, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
@@ -30,8 +39,8 @@ def setup(ms_cpu, tmp_path_factory):
     return cfg, tok, prepared, ids, labels
 
 
-def _lora_net(cfg, tok, batch=16):
-    return apply_lora(build_model(cfg.model, cfg.hardware, tok, batch, seed=0), cfg.lora, 0)
+def _lora_net(cfg, tok, batch=16, dynamic=True):
+    return apply_lora(build_model(cfg.model, cfg.hardware, tok, batch, seed=0, dynamic=dynamic), cfg.lora, 0)
 
 
 def test_param_counts_tiny():
@@ -93,6 +102,53 @@ def test_accumulation_and_dynamic_loss_scale_match_plain_steps(setup):
                           desc="test")
         curves.append(stats["losses"])
     np.testing.assert_allclose(curves[0], curves[1], atol=2e-4)
+
+
+def test_loss_on_answer_positions_equals_the_full_model(setup):
+    """The head on the labelled positions of length-bucketed rows (what LoRA training runs) gives the
+    full model's loss and gradients (MindFormers' LlamaForCausalLM as configured before buckets:
+    fixed length, logits at every position): the same loss curve and gradient norms over steps
+    with updates."""
+    cfg, tok, _, ids, labels = setup
+    curves = {}
+    for sparse in (False, True):
+        net = _lora_net(cfg, tok, dynamic=sparse)
+        rows = []
+        stats = run_steps(net, ids, labels, Schedule(batch_size=16, epochs=1, seed=0, max_steps=6),
+                          opt_cfg=compose(["optimizer.learning_rate=5e-3"]).optimizer, hw=cfg.hardware,
+                          pad_id=tok.pad_id, tracker=_Rows(rows), prefix="t_", desc="test", sparse=sparse)
+        curves[sparse] = (stats["losses"], [r["t_grad_norm"] for r in rows], stats)
+    np.testing.assert_allclose(curves[True][0], curves[False][0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(curves[True][1], curves[False][1], rtol=1e-5, atol=1e-6)
+    dense, sparse = curves[False][2], curves[True][2]
+    # model.seq_length=64 is the smallest bucket: one compiled shape either way, the same padding
+    assert dense["shapes"] == sparse["shapes"] == 1 and sparse["pad_fraction"] == pytest.approx(dense["pad_fraction"])
+
+
+def test_last_position_logits_equal_the_full_model(setup):
+    """Evaluation's head on the last prompt position of a length-bucketed batch == the full model's
+    logits at that position (padded to model.seq_length, every position computed)."""
+    import mindspore as ms
+
+    cfg, tok, prepared, _, _ = setup
+    questions = load_questions(prepared, "eval")[:10]
+    lists, _ = build_eval_prompts(questions, load_questions(prepared, "dev"), "mmlu", 0, tok, cfg.model.seq_length)
+    letters = letter_token_ids(tok, "mmlu")
+    net = build_model(cfg.model, cfg.hardware, tok, 4, seed=0)
+    stats = {}
+    fast = letter_logits(net, lists, letters, 4, cfg.model.seq_length, tok.pad_id, stats)
+    net = build_model(cfg.model, cfg.hardware, tok, 4, seed=0, dynamic=False)   # the same weights (seed 0)
+    net.set_train(False)
+    full = np.zeros_like(fast)
+    for start in range(0, len(lists), 4):
+        x = np.full((4, cfg.model.seq_length), tok.pad_id, np.int32)
+        for row, ids in enumerate(lists[start:start + 4]):
+            x[row, :len(ids)] = ids
+        logits = net(ms.Tensor(x))[0].asnumpy()
+        for row, ids in enumerate(lists[start:start + 4]):
+            full[start + row] = logits[row, len(ids) - 1, letters]
+    np.testing.assert_allclose(fast, full, rtol=0, atol=1e-5)
+    assert stats["processed"] == 12 * 64 and stats["shapes"] == 1   # 3 batches of 4 x the 64-token bucket
 
 
 def test_letter_scoring_ignores_padding_and_batch_neighbours(setup):

@@ -28,15 +28,27 @@ def encode_example(prompt: str, answer: str, tok, seq_length: int) -> tuple[list
 # Fixed seed of the one-time shuffle before sharding: batches mix subjects, and the order does
 # not depend on the run's seed, so one prepared-data cache serves every seed.
 SHUFFLE_SEED = 1234
+# After the shuffle, rows are sorted by length within chunks of this many rows, so that consecutive
+# rows (a batch) have similar lengths and a batch cut to its length bucket holds little padding
+# (forward.bucket). The epoch's batch order is still shuffled (train.batch_order).
+LENGTH_CHUNK = 1024
 
 
 def shard_path(path: Path, num_shards: int, shard_id: int) -> Path:
     return path if num_shards == 1 else path.with_name(f"{path.name}{shard_id}")
 
 
-def write_shards(examples: list[tuple[list[int], list[int]]], path: Path, num_shards: int) -> list[Path]:
-    """Shuffle `examples` once (SHUFFLE_SEED), then write row i to shard i % num_shards, one
-    stand-alone MindRecord file per data-parallel rank (path, or path0..pathN-1).
+def length_grouped(order: np.ndarray, lengths: list[int], chunk: int = LENGTH_CHUNK) -> np.ndarray:
+    """`order` with each run of `chunk` consecutive entries sorted by length (stable)."""
+    return np.concatenate([sorted(order[i:i + chunk], key=lambda j: lengths[j]) for i in range(0, len(order), chunk)]
+                          ).astype(np.int64) if len(order) else order
+
+
+def write_shards(examples: list[tuple[list[int], list[int]]], path: Path, num_shards: int,
+                 pad_id: int | None = None) -> list[Path]:
+    """Shuffle `examples` once (SHUFFLE_SEED), sort by length within chunks (given pad_id: the
+    length is the non-pad tokens), then write row i to shard i % num_shards, one stand-alone
+    MindRecord file per data-parallel rank (path, or path0..pathN-1).
 
     Round robin makes global batch k (rows k*G .. k*G+G-1 of the shuffled list, G = global
     batch) the union of rows k*b .. k*b+b-1 of every shard (b = G / num_shards), so a run on
@@ -44,7 +56,8 @@ def write_shards(examples: list[tuple[list[int], list[int]]], path: Path, num_sh
     so that every rank has the same number of steps (a rank with one more would wait forever)."""
     from mindspore.mindrecord import FileWriter
 
-    order = np.random.default_rng(SHUFFLE_SEED).permutation(len(examples))
+    order = length_grouped(np.random.default_rng(SHUFFLE_SEED).permutation(len(examples)),
+                           [len(e[0]) - e[0].count(pad_id) if pad_id is not None else 0 for e in examples])
     usable = len(order) - len(order) % num_shards
     rows = [{"input_ids": np.asarray(examples[i][0], np.int32), "labels": np.asarray(examples[i][1], np.int32)}
             for i in order[:usable]]
