@@ -101,9 +101,26 @@ def answer_loss_cell(net):
     return AnswerLoss()
 
 
+_LAST_LOGITS: dict[tuple, tuple] = {}   # (id(model), its parameter count) -> (model, its LastLogits cell)
+
+
 def last_logits_cell(net):
     """A Cell returning float32 logits at one position per row: construct(tokens [B, L], flat [B])
-    -> [B, V], flat = row * L + position. Bit-identical to net(tokens)[0] at those positions."""
+    -> [B, V], flat = row * L + position. Bit-identical to net(tokens)[0] at those positions.
+    One cell per model, kept: its compiled graphs are reused when the same model is scored again
+    with other weights (every checkpoint of a run) or other batches."""
+    # Keyed by the object passed and its parameter count: wrapping a model with LoRA changes it in
+    # place (new cells, more parameters), and a graph compiled before must not be reused for it.
+    key = (id(net), sum(1 for _ in causal_lm(net).get_parameters()))
+    cached = _LAST_LOGITS.get(key)
+    if cached is not None and cached[0] is net:
+        return cached[1]
+    cell = _last_logits_cell(net)
+    _LAST_LOGITS[key] = (net, cell)
+    return cell
+
+
+def _last_logits_cell(net):
     import mindspore as ms
     from mindspore import nn, ops
 

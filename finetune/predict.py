@@ -55,12 +55,19 @@ def predict(ctx) -> dict:
     source = p.input or ctx.prepared / "alpaca" / "eval.json"
     records = read_predict_input(source, style)
     seq = cfg.model.seq_length
-    ids = [[tok.bos_id] + tok.encode(r["prompt"]) for r in records]
-    too_long = [records[i]["id"] for i, x in enumerate(ids) if len(x) > seq]
-    if too_long:
-        raise DataError(f"{source}: {len(too_long)} record(s) longer than model.seq_length={seq} tokens, "
-                        f"e.g. id {too_long[0]}")
     cue = _CUES[style]
+    ids, truncated = [], 0
+    for r in records:
+        x = [tok.bos_id] + tok.encode(r["prompt"])
+        # The same rule as evaluate: a prompt that does not fit keeps its end (the question, where the
+        # answer is read or generated); free text also leaves room for its answer.
+        room = seq if r["prompt"].rstrip().endswith(cue) else seq - p.max_new_tokens
+        if len(x) > room:
+            x, truncated = x[-room:], truncated + 1
+        ids.append(x)
+    if truncated:
+        log.warning("predict: %d of %d prompts cut to fit model.seq_length=%d (their start is dropped)", truncated,
+                    len(records), seq)
     mc = [i for i, r in enumerate(records) if r["prompt"].rstrip().endswith(cue)]
     free = [i for i, r in enumerate(records) if not r["prompt"].rstrip().endswith(cue)]
 
@@ -98,7 +105,7 @@ def predict(ctx) -> dict:
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
     tmp.replace(output)
     out = {"predict_output": str(output), "predict_input": str(source), "predict_model": model_used,
-           "predict_records": len(records), "predict_multiple_choice": len(mc),
+           "predict_records": len(records), "predict_multiple_choice": len(mc), "predict_truncated": truncated,
            "predict_examples_per_s": len(records) / seconds if seconds else float("nan")}
     if mc_stats:
         out.update(predict_pad_fraction=1 - mc_stats["tokens"] / mc_stats["processed"], predict_shapes=mc_stats["shapes"])
