@@ -39,7 +39,11 @@ def quiet_libraries(run_dir: Path, rank: int = 0, verbose: bool = False) -> Path
         from mindpet.log import log as pet_log   # mindformers.pet's "[SDK] Start to freeze model" lines
     loggers = [lg for name, lg in logging.Logger.manager.loggerDict.items()
                if name.startswith("mindformers") and isinstance(lg, logging.Logger)]
-    for lg in loggers + [pet_log.logger, pet_log.operation_logger]:
+    for lg in (pet_log.logger, pet_log.operation_logger):
+        if not getattr(lg, "set_flag", True):   # mindpet adds its handlers on the first message: add them now
+            lg.set_logger()
+        loggers.append(lg)
+    for lg in loggers:
         for h in lg.handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 h.setLevel(OFF)
