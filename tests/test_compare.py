@@ -2,8 +2,7 @@
 import pytest
 
 from finetune.compare import compare_table, load_runs, main
-from finetune.tracking import (SWEEP_EXPERIMENT_ENV, SWEEP_JOB_ENV, SWEEP_PARENT_ENV, SWEEP_URI_ENV, Tracker,
-                               default_uri)
+from finetune.tracking import (SWEEP_EXPERIMENT_ENV, SWEEP_JOB_ENV, SWEEP_PARENT_ENV, SWEEP_URI_ENV, Tracker)
 
 # name: (lora.rank, mc_accuracy, contest_score); "none" finished no evaluation.
 RUNS = {"r8": (8, 0.50, 0.61), "r4": (4, 0.75, 0.70), "r16": (16, 0.625, 0.55), "none": (8, None, None)}

@@ -8,7 +8,6 @@ import regex
 from conftest import compose
 from finetune import metrics
 from finetune.data import demo
-from finetune.data.records import DataError
 from finetune.data.prepared import dataset_squad, load_meta
 from finetune.prepare import prepare, read_questions
 from finetune.squad import squad_prompt, squad_prompt_ids

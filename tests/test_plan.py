@@ -30,7 +30,6 @@ def internlm(extra=()):
 
 def plan_in(cfg, run_dir):
     """The plan stage as app.run calls it for stages=[plan]: no tokenizer, data or base weights."""
-    from finetune.plan import plan
 
     return plan(RunContext(cfg, run_dir, None, None, None, Tracker()))
 

@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from finetune.report import accuracy_rows, read_train_log, write_report
-from finetune.tracking import Tracker, default_uri
+from finetune.tracking import Tracker
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SUMMARY = {
