@@ -93,18 +93,23 @@ def read_adapter(path, what: str = "adapter") -> tuple[dict[str, np.ndarray], di
     return adapter, meta
 
 
+def lora_differences(meta: dict, lora_cfg) -> dict[str, tuple]:
+    """{key: (configured value, the file's value)} for each of rank, alpha, target_modules where the
+    lora group and an adapter file's record disagree (a file that records no targets agrees)."""
+    mine = {"rank": int(lora_cfg.rank), "alpha": float(lora_cfg.alpha), "target_modules": str(lora_cfg.target_modules)}
+    return {k: (mine[k], meta[k]) for k in mine if meta[k] is not None and meta[k] != mine[k]}
+
+
 def lora_settings(meta: dict, lora_cfg, given: frozenset[str] = frozenset(), path="the adapter") -> dict:
     """The LoRA to build for an adapter: rank, alpha and target_modules from the file; dropout from
     lora_cfg (it does not change the weights). A `lora.<key>` given on the command line (`given`)
     that disagrees with the file is an error naming both values; an unchanged default is not."""
-    out = {"rank": meta["rank"], "alpha": meta["alpha"],
-           "target_modules": meta["target_modules"] or lora_cfg.target_modules, "dropout": float(lora_cfg.dropout)}
-    for key in ("rank", "alpha", "target_modules"):
-        mine = lora_cfg[key]
-        if f"lora.{key}" in given and (float(mine) != float(out[key]) if key != "target_modules" else mine != out[key]):
-            raise ModelError(f"lora.{key}={mine} was given, but {path} was trained with lora.{key}={out[key]}; "
+    for key, (mine, recorded) in lora_differences(meta, lora_cfg).items():
+        if f"lora.{key}" in given:
+            raise ModelError(f"lora.{key}={mine} was given, but {path} was trained with lora.{key}={recorded}; "
                              f"drop the override (the adapter's own value is used) or evaluate another adapter")
-    return out
+    return {"rank": meta["rank"], "alpha": meta["alpha"],
+            "target_modules": meta["target_modules"] or lora_cfg.target_modules, "dropout": float(lora_cfg.dropout)}
 
 
 def check_run_adapter(cfg, run_dir, given: frozenset[str]) -> None:

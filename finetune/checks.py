@@ -96,6 +96,9 @@ def check(cfg) -> None:
         raise ConfigError(f"parallel.node_rank={par.node_rank}: expected 0..{par.nodes - 1}")
     if not 0 <= par.master_port < 65536:
         raise ConfigError(f"parallel.master_port: expected 0..65535 (0 = pick a free port), got {par.master_port}")
+    if par.master_port == 0 and par.nodes > 1:
+        raise ConfigError("parallel.master_port=0 (pick a free port) works on one node only; a multi-node job "
+                          "needs the same explicit port on every node")
     hw = cfg.hardware
     if hw.compute_dtype == "float16" and hw.loss_scale.kind == "none":
         raise ConfigError("hardware.loss_scale.kind: float16 compute needs a dynamic loss scale "

@@ -101,22 +101,21 @@ def answer_loss_cell(net):
     return AnswerLoss()
 
 
-_LAST_LOGITS: dict[tuple, tuple] = {}   # (id(model), its parameter count) -> (model, its LastLogits cell)
-
-
 def last_logits_cell(net):
     """A Cell returning float32 logits at one position per row: construct(tokens [B, L], flat [B])
     -> [B, V], flat = row * L + position. Bit-identical to net(tokens)[0] at those positions.
     One cell per model, kept: its compiled graphs are reused when the same model is scored again
     with other weights (every checkpoint of a run) or other batches."""
-    # Keyed by the object passed and its parameter count: wrapping a model with LoRA changes it in
-    # place (new cells, more parameters), and a graph compiled before must not be reused for it.
-    key = (id(net), sum(1 for _ in causal_lm(net).get_parameters()))
-    cached = _LAST_LOGITS.get(key)
-    if cached is not None and cached[0] is net:
+    # Kept on the model object itself, so it goes when the model goes (a module-level cache would keep
+    # every model alive). Checked against the parameter count: wrapping a model with LoRA changes it
+    # in place (new cells, more parameters), and a graph compiled before must not be reused for it.
+    # object.__setattr__: a Cell assigned the usual way would be registered as the model's sub-cell.
+    params = sum(1 for _ in causal_lm(net).get_parameters())
+    cached = net.__dict__.get("_finetune_last_logits")
+    if cached is not None and cached[0] == params:
         return cached[1]
     cell = _last_logits_cell(net)
-    _LAST_LOGITS[key] = (net, cell)
+    object.__setattr__(net, "_finetune_last_logits", (params, cell))
     return cell
 
 

@@ -28,7 +28,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 ANSWER_TOKENS = 2   # hardware.*_type are schema enums of these
 
 
-def _bytes_of(dtype: str, key: str) -> int:
+def _bytes_of(dtype: str) -> int:
     return DTYPE_BYTES[str(dtype)]
 
 
@@ -83,7 +83,7 @@ def activation_bytes(model_cfg, hw, batch_size: int) -> dict[str, int]:
     Pipeline parallel does not reduce this: with 1F1B the first stage holds pipeline_stage
     micro-batches of num_layers / pipeline_stage layers (their section 4.2.3)."""
     s, b, h, a = model_cfg.seq_length, batch_size, model_cfg.hidden_size, model_cfg.num_heads
-    scale = _bytes_of(hw.compute_dtype, "hardware.compute_dtype") / 2
+    scale = _bytes_of(hw.compute_dtype) / 2
     per_layer = s * b * h * (34 + (0 if hw.use_flash_attention else 5 * a * s / h)) * scale
     layers = model_cfg.num_layers
     return {"no_recompute": int(layers * per_layer),
@@ -96,10 +96,10 @@ def memory_estimate(cfg, counts: dict[str, int], lora_params: int, vocab_size: i
     Korthikanti's eq. (2) keeps 10*s*b*h of 34 unsplit without sequence parallelism)."""
     hw, par, m = cfg.hardware, cfg.parallel, cfg.model
     shards = par.model_parallel * par.pipeline_stage
-    param_bytes = _bytes_of(hw.param_init_type, "hardware.param_init_type")
+    param_bytes = _bytes_of(hw.param_init_type)
     # MindFormers' LlamaRMSNorm creates its weight in layernorm_compute_type, every other base
     # parameter (embedding, Linear weights and biases) in param_init_type.
-    norm_bytes = _bytes_of(hw.layernorm_compute_type, "hardware.layernorm_compute_type")
+    norm_bytes = _bytes_of(hw.layernorm_compute_type)
     weights = sum(n * (norm_bytes if name.endswith(NORMS + ("norm_out",)) else param_bytes)
                   for name, n in counts.items())
     act = activation_bytes(m, hw, cfg.train.batch_size)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .adapter import ADAPTER_FILE, read_adapter, save_adapter, load_adapter
+from .adapter import ADAPTER_FILE, load_adapter, lora_differences, read_adapter, save_adapter
 from .checkpoints import add_to_index, newest_valid, save_steps
 from .data.mindrecord import read_shards
 from .errors import ModelError
@@ -344,8 +344,7 @@ def resume_point(cfg, run_dir: Path) -> dict:
         raise ModelError(f"train.resume: no usable checkpoint in {ckpt_dir} (point hydra.run.dir at the "
                          f"interrupted run's folder)")
     _, meta = read_adapter(ckpt_dir / entry["adapter"], "train.resume")
-    mine = {"rank": int(cfg.lora.rank), "alpha": float(cfg.lora.alpha), "target_modules": cfg.lora.target_modules}
-    differ = [f"lora.{k}={mine[k]} (checkpoint: {meta[k]})" for k in mine if meta[k] is not None and meta[k] != mine[k]]
+    differ = [f"lora.{k}={mine} (checkpoint: {recorded})" for k, (mine, recorded) in lora_differences(meta, cfg.lora).items()]
     if differ:
         raise ModelError(f"train.resume: the checkpoint was trained with other LoRA settings: {', '.join(differ)}")
     return entry

@@ -213,6 +213,7 @@ def test_a_typo_in_a_choice_fails_at_compose_naming_key_and_choices(override, ke
     (["hardware.max_device_memory=58G"], "hardware.max_device_memory"),
     (["parallel=dp4", "parallel.nodes=3"], "parallel.nodes=3"),
     (["parallel.node_rank=1"], "parallel.node_rank=1: expected 0..0"),
+    (["parallel=dp4", "parallel.nodes=2", "parallel.master_port=0"], "parallel.master_port=0 (pick a free port) works on one node only"),
     (["lora.target_modules='(wq'"], "lora.target_modules"),
     (["train.batch_size=0"], "train.batch_size"),
     (["model.num_heads=3"], "num_heads"),
