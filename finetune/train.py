@@ -218,11 +218,12 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, o
             order, order_epoch = batch_order(steps_per_epoch, epoch, seed, schedule.shuffle), epoch
         k = int(order[s])
         t0 = time.perf_counter()
-        loss_sum, step_tokens, scale = 0.0, 0, current_scale()
+        loss_sum, step_tokens, scale, compiled = 0.0, 0, current_scale(), False
         for m in range(accumulation):
             rows = slice((k * accumulation + m) * batch_size, (k * accumulation + m + 1) * batch_size)
             arrays, n_processed = batch_inputs(ids[rows], labels[rows], pad_id, answers_per_row)
             processed += n_processed * world
+            compiled |= arrays[0].shape not in shapes   # a new shape: this step compiles the graph
             shapes.add(arrays[0].shape)
             inputs = tuple(ms.Tensor(a) for a in arrays)
             if m < accumulation - 1:
@@ -237,7 +238,7 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, o
         skipped += not finite
         losses.append(loss_value)
         tokens_done += step_tokens
-        if step > start + 1:  # the first step of a process includes graph compilation
+        if not compiled:  # a step that compiled a graph (a new shape) is not a measure of speed
             timed_tokens += step_tokens
             timed_seconds += dt
         lr = float(lr_schedule(ms.Tensor(step - 1, ms.int32)).asnumpy())
