@@ -136,3 +136,119 @@ def _last_logits_cell(net):
             return ops.cast(self.lm.lm_head(ops.gather(hidden, flat, 0)), f32)
 
     return LastLogits()
+
+
+def kv_cells(net):
+    """(prefill, step) Cells for greedy decoding with a key/value cache, over the model's own cells
+    (embedding, norms, the q/k/v/o projections with their LoRA, rotary embedding, attention core,
+    feed-forward, head): only the caching is ours. MindFormers' incremental inference (use_past)
+    needs Ascend kernels; this path runs anywhere.
+
+    prefill(tokens [B, C], flat [B]) -> (logits [B, V] at the flat positions, keys, values): the
+      prompt, right-padded to the cache length C, exactly as the model computes it; keys/values
+      per layer [B, kv_heads, C, head_dim] after rotary embedding (before grouped-query repeat).
+    step(token [B, 1], pos [B], visible [B, C], onehot [B, 1, C, 1], keys, values) -> (logits,
+      keys, values): one new token per row at position pos; its key/value is written into the
+      cache at pos (onehot), and it attends to the cache positions marked visible (earlier
+      positions that are not padding: the same mask the model builds from the tokens).
+    One pair per model, kept on the model object like last_logits_cell."""
+    params = sum(1 for _ in causal_lm(net).get_parameters())
+    cached = net.__dict__.get("_finetune_kv_cells")
+    if cached is not None and cached[0] == params:
+        return cached[1]
+    cells = _kv_cells(net)
+    object.__setattr__(net, "_finetune_kv_cells", (params, cells))
+    return cells
+
+
+def _kv_cells(net):
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    f32 = ms.float32
+    lm = causal_lm(net)
+    if getattr(lm.model.layers[0].attention, "qkv_concat", False):
+        raise ValueError("kv cache: fused w_qkv projections are not supported (LoRA targets wq/wk/wv)")
+
+    def split_heads(x, heads, head_dim):   # [B, L, heads*head_dim] -> [B, heads, L, head_dim]
+        b, length = x.shape[0], x.shape[1]
+        return ops.transpose(ops.reshape(x, (b, length, heads, head_dim)), (0, 2, 1, 3))
+
+    def residual(layer, x, y):             # LLamaDecodeLayer's residual add, with its casts
+        if layer.residual_cast_flag:
+            return ops.cast(ops.add(ops.cast(x, layer.residual_dtype), ops.cast(y, layer.residual_dtype)),
+                            layer.dtype)
+        return ops.add(x, y)
+
+    class Prefill(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.lm = lm
+            self.num_layers = len(lm.model.layers)
+
+        def construct(self, tokens, flat):
+            model = self.lm.model
+            b, length = tokens.shape
+            mask = model.casual_mask(tokens)
+            freqs = model.freqs_mgr(length)
+            h = ops.reshape(ops.cast(model.tok_embeddings(tokens), model.dtype), (b, length, -1))
+            keys, values = (), ()
+            for i in range(self.num_layers):
+                layer = model.layers[i]
+                attn = layer.attention
+                x = layer.attention_norm(h)
+                q = split_heads(ops.cast(attn.wq(x), attn.dtype), attn.n_head, attn.head_dim)
+                k = split_heads(ops.cast(attn.wk(x), attn.dtype), attn.n_kv_head, attn.head_dim)
+                v = split_heads(ops.cast(attn.wv(x), attn.dtype), attn.n_kv_head, attn.head_dim)
+                q, k = attn.apply_rotary_emb(q, k, freqs)
+                keys += (k,)
+                values += (v,)
+                context = attn._attn(q, attn._repeat_kv(k, attn.n_rep), attn._repeat_kv(v, attn.n_rep), mask)
+                h = residual(layer, h, ops.cast(attn.wo(context), x.dtype))
+                h = residual(layer, h, layer.feed_forward(layer.ffn_norm(h)))
+            hidden = ops.reshape(model.norm_out(h), (b * length, -1))
+            logits = ops.cast(self.lm.lm_head(ops.gather(hidden, flat, 0)), f32)
+            return logits, keys, values
+
+    class Step(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.lm = lm
+            self.num_layers = len(lm.model.layers)
+
+        def construct(self, token, pos, visible, onehot, keys, values):
+            model = self.lm.model
+            b = token.shape[0]
+            freqs_mgr = model.freqs_mgr
+            head_dim = freqs_mgr.head_dim
+            # the rotary tables' rows at each token's position, [B, 1, 1, head_dim]
+            cos = ops.reshape(ops.gather(freqs_mgr.freqs_cos, pos, 0), (b, 1, 1, head_dim))
+            sin = ops.reshape(ops.gather(freqs_mgr.freqs_sin, pos, 0), (b, 1, 1, head_dim))
+            freqs = (cos, sin, freqs_mgr.swap_mask)
+            causal = model.casual_mask   # the model's own mask arithmetic: (1 - visible) * -10000
+            mask = ops.mul(ops.sub(causal.one, ops.reshape(ops.cast(visible, causal.dtype), (b, 1, 1, -1))),
+                           causal.multiply_data)
+            keep = 1 - onehot
+            h = ops.reshape(ops.cast(model.tok_embeddings(token), model.dtype), (b, 1, -1))
+            new_keys, new_values = (), ()
+            for i in range(self.num_layers):
+                layer = model.layers[i]
+                attn = layer.attention
+                x = layer.attention_norm(h)
+                q = split_heads(ops.cast(attn.wq(x), attn.dtype), attn.n_head, attn.head_dim)
+                k = split_heads(ops.cast(attn.wk(x), attn.dtype), attn.n_kv_head, attn.head_dim)
+                v = split_heads(ops.cast(attn.wv(x), attn.dtype), attn.n_kv_head, attn.head_dim)
+                q, k = attn.apply_rotary_emb(q, k, freqs)
+                # write position pos: x*1 + 0 elsewhere is exact, so the rest of the cache is unchanged
+                k_all = keys[i] * keep + k * onehot
+                v_all = values[i] * keep + v * onehot
+                new_keys += (k_all,)
+                new_values += (v_all,)
+                context = attn._attn(q, attn._repeat_kv(k_all, attn.n_rep), attn._repeat_kv(v_all, attn.n_rep),
+                                     mask)
+                h = residual(layer, h, ops.cast(attn.wo(context), x.dtype))
+                h = residual(layer, h, layer.feed_forward(layer.ffn_norm(h)))
+            hidden = ops.reshape(model.norm_out(h), (b, -1))
+            return ops.cast(self.lm.lm_head(hidden), f32), new_keys, new_values
+
+    return Prefill(), Step()

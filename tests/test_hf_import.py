@@ -66,6 +66,29 @@ def test_greedy_story_and_batch_independence(stories):
         assert got == full_window_greedy(stories.net, prompt, 40, 2, 0, 128)
 
 
+def test_cached_decoding_equals_uncached(stories):
+    """The key/value cache gives the uncached path's tokens, for prompts of every length in one
+    batch (short, long, one that reaches the end of the 128-token window), and its first logits
+    equal the last-position logits of the full model."""
+    import mindspore as ms
+    from finetune.forward import kv_cells, last_logits_cell
+
+    rng = np.random.default_rng(0)
+    prompts = [[1], [1, 403, 407, 261], [1] + rng.integers(3, 512, 40).tolist(),
+               [1] + rng.integers(3, 512, 100).tolist(), [1, 378, 5]]
+    stats: dict = {}
+    cached = greedy_generate(stories.net, prompts, 40, 2, 0, 128, 4, stats=stats)
+    assert cached == greedy_generate(stories.net, prompts, 40, 2, 0, 128, 4, cache=False)
+    assert len(cached[3]) == 128 - 101                   # stopped by the window, not by max_new_tokens
+    assert stats["shapes"] == 4                          # two batches: a prefill and a step graph each
+    x = np.zeros((4, 64), np.int32)
+    x[0, :4], x[1, :1] = [1, 403, 407, 261], [1]
+    flat = np.array([3, 64, 128, 192], np.int32)
+    first, _, _ = kv_cells(stories.net)[0](ms.Tensor(x), ms.Tensor(flat))
+    reference = last_logits_cell(stories.net)(ms.Tensor(x), ms.Tensor(flat))
+    np.testing.assert_allclose(first.asnumpy(), reference.asnumpy(), atol=1e-5, rtol=0)
+
+
 def full_window_greedy(net, prompt, max_new_tokens, eos_id, pad_id, seq_length):
     """The reference: net(x)[0] over [1, seq_length] for every new token (what generate.py did before
     length buckets and last-position logits)."""

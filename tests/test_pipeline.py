@@ -90,6 +90,34 @@ def test_identical_runs_with_dropout_give_identical_logs(pipeline):
         np.testing.assert_array_equal(a[name].asnumpy(), b[name].asnumpy())
 
 
+def test_cached_squad_answers_equal_uncached_decoding(pipeline, ms_cpu):
+    """The run's SQuAD answers come from cached decoding (the default); the uncached reference path,
+    on base + adapter loaded from the run's files, gives the same tokens, also over 24 new tokens."""
+    from conftest import QUICK, resolved
+    from finetune.generate import greedy_generate
+    from finetune.lora import with_adapter
+    from finetune.metrics import load_squad
+    from finetune.model import load_model
+    from finetune.squad import answer_text, squad_prompt_ids
+    from finetune.tokenizer import load_tokenizer
+
+    tmp, s = pipeline
+    cfg = resolved(QUICK + ARGS + [f"output_root={tmp}"])
+    tok = load_tokenizer("tiktoken", None)
+    records = load_squad(s["squad_set"])
+    ids, _ = squad_prompt_ids(records, tok, cfg.model.seq_length, 24)
+    net = load_model(cfg.model, cfg.hardware, tok, cfg.eval.squad.batch_size, s["base_checkpoint"])
+    net = with_adapter(net, tmp / "run" / "adapter.ckpt", cfg.lora, frozenset(), cfg.seed)
+    args = (tok.eos_id, tok.pad_id, cfg.model.seq_length, cfg.eval.squad.batch_size)
+    long_cached = greedy_generate(net, ids, 24, *args)
+    assert long_cached == greedy_generate(net, ids, 24, *args, cache=False)
+    assert sum(map(len, long_cached)) > len(ids)              # it generated, not just EOS
+    run_ids, _ = squad_prompt_ids(records, tok, cfg.model.seq_length, cfg.eval.squad.max_new_tokens)
+    short = greedy_generate(net, run_ids, cfg.eval.squad.max_new_tokens, *args, cache=False)
+    written = json.loads((tmp / "run" / "squad_predictions.json").read_text())
+    assert written == {r["id"]: answer_text(o, tok) for r, o in zip(records, short)}
+
+
 def test_mlflow_run_recorded(pipeline):
     from mlflow.tracking import MlflowClient
 
