@@ -70,6 +70,8 @@ def evaluate(ctx) -> dict:
     if not adapter.is_file() and not cfg.eval.base:
         raise ModelError(f"evaluate: nothing to evaluate (eval.base=false and no adapter at {adapter})")
     net = ctx.load_base(cfg.eval.batch_size)
+    if adapter.is_file():   # LoRA in place, lora_b zero: still exactly the base, and the adapter reuses its graphs
+        net = with_adapter(net, adapter, cfg.lora, ctx.given, cfg.seed, load=False)
     result: dict = {"eval_questions": len(questions), "eval_num_shots": cfg.eval.num_shots, **prompt_stats}
     base = base_squad = None
     if cfg.eval.base:
@@ -81,7 +83,7 @@ def evaluate(ctx) -> dict:
             result.update(squad_f1_base=base_squad["f1"], squad_em_base=base_squad["exact_match"])
     tuned = None
     if adapter.is_file():
-        net = with_adapter(net, adapter, cfg.lora, ctx.given, cfg.seed)
+        load_adapter(net, adapter)
         tuned = score_mc(net)
         result.update(mc_accuracy=tuned["accuracy"], per_subject_accuracy=tuned["per_subject"],
                       evaluated_adapter=str(adapter))

@@ -2,6 +2,8 @@
 (The adapter *file* (save, read, merge) is finetune/adapter.py.)"""
 from __future__ import annotations
 
+import numpy as np
+
 from .adapter import adapter_params
 from .errors import ModelError
 
@@ -68,12 +70,22 @@ def seed_dropout(net, p: float, seed: int) -> int:
     return len(layers)
 
 
-def with_adapter(net, path, lora_cfg, given: frozenset[str], seed: int, what: str = "eval.adapter"):
+def with_adapter(net, path, lora_cfg, given: frozenset[str], seed: int, what: str = "eval.adapter",
+                 load: bool = True):
     """Wrap `net` with the LoRA an adapter file records (adapter.lora_settings: a conflicting
-    `lora.*` override is an error) and load the adapter's weights into it."""
+    `lora.*` override is an error) and load the adapter's weights into it. load=False: every
+    lora_b stays zero, so the network computes exactly the base model (bit for bit: W x + 0) with
+    the graphs the adapter will use (evaluate scores the base this way: one compile, not two)."""
+    import mindspore as ms
+
     from .adapter import load_adapter, read_adapter, lora_settings
 
     _, meta = read_adapter(path, what)
     net = apply_lora(net, lora_settings(meta, lora_cfg, given, path), seed)
-    load_adapter(net, path, what)
+    if load:
+        load_adapter(net, path, what)
+    else:
+        for name, p in adapter_params(net):
+            if "lora_b" in name:
+                p.set_data(ms.Tensor(np.zeros(p.shape, np.float32), p.dtype))
     return net
