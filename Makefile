@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/finetune $(ARGS)
 
-# Two pytest-xdist workers; each test module (or group of modules sharing a fixture, see
-# tests/conftest.py XDIST_GROUPS) stays on one worker. PYTEST_ARGS="-n 0" runs in one process.
+# Two pytest-xdist workers; each test module stays on one worker (its fixtures are built once);
+# what several modules share is built once per session (tests/conftest.py built_once).
+# PYTEST_ARGS="-n 0" runs in one process.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # Benchmarks (slow, not in `make test`): decode tokens/s on the real stories260K Llama.
 bench: $(STAMP)

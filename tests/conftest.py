@@ -5,7 +5,9 @@
 - QUICK: the one list of overrides for a quick demo job (small world, 1-epoch base); tests add
   only what they are about.
 - `quick_root`: an output_root whose cache already holds the QUICK base (pretrained once per
-  session) and whose MLflow store exists; tests run `finetune` jobs in it with their own run dirs.
+  session, shared by all pytest-xdist workers through `built_once`) and whose MLflow store exists;
+  tests run `finetune` jobs in it with their own run dirs. `reference_run`: one training run that
+  resume and data-parallel tests compare against, also built once per session.
 - `run_finetune` / `start_finetune`: the `finetune` command as a subprocess in its own process
   group, killed with everything it started (msrun workers) if the test fails or times out.
 """
@@ -121,15 +123,55 @@ def run_finetune(root: Path, run: str, args=(), quick: bool = True, timeout: int
 
 
 @pytest.fixture(scope="session")
-def quick_root(tmp_path_factory, new_store) -> Path:
-    """An output_root with the QUICK base already pretrained and cached (once per session) and an
-    MLflow store created: jobs started in it skip both."""
-    root = tmp_path_factory.mktemp("quick")
+def shared_tmp(tmp_path_factory, worker_id) -> Path:
+    """A folder every pytest-xdist worker of this session sees (the workers' common base temp);
+    without xdist, this process's base temp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if worker_id != "master" else base
+
+
+def built_once(folder: Path, build) -> Path:
+    """`folder`, made by build(folder) in whichever worker asks first; the others wait for it (a file
+    lock) and reuse it. A build that failed half-way is started again by the next worker to ask."""
+    import shutil
+
+    from filelock import FileLock
+
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            (folder / ".complete").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def quick_cache(shared_tmp, new_store) -> Path:
+    """An output_root cache/ folder holding the QUICK base, pretrained once per test session (all
+    workers) by a `prepare` job, and its prepared data."""
+    def warm(root: Path) -> None:
+        new_store(root)
+        proc = run_finetune(root, "warm", ["stages=[prepare]"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert len(list((root / "cache" / "base").glob("*.ckpt"))) == 1
+    return built_once(shared_tmp / "quick-warm", warm) / "cache"
+
+
+def with_cache(root: Path, cache: Path, new_store) -> Path:
+    """root as an output_root with its own MLflow store and the session's shared cache/ (prepared
+    data and base weights; jobs that prepare other data add to it, safely, as concurrent jobs do)."""
     new_store(root)
-    proc = run_finetune(root, "warm", ["stages=[prepare]"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(list((root / "cache" / "base").glob("*.ckpt"))) == 1
+    (root / "cache").symlink_to(cache, target_is_directory=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def quick_root(tmp_path_factory, new_store, quick_cache) -> Path:
+    """An output_root whose cache already holds the QUICK base (pretrained once per session) and
+    whose MLflow store exists: jobs started in it skip both. One per worker; tests give their jobs
+    their own run dirs."""
+    return with_cache(tmp_path_factory.mktemp("quick"), quick_cache, new_store)
 
 
 @pytest.fixture(scope="session")
@@ -164,21 +206,11 @@ REFERENCE = ["train.epochs=5", "lora.dropout=0", "stages=[prepare,train]", "trai
 
 
 @pytest.fixture(scope="session")
-def reference_run(quick_root) -> Path:
-    proc = run_finetune(quick_root, "reference", REFERENCE)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return quick_root / "reference"
-
-
-# pytest-xdist (`make test` runs two workers): each module stays on one worker (its module fixtures
-# are built once), and the modules that share the session's quick_root / reference_run are grouped
-# so that each group builds them once.
-XDIST_GROUPS = {"test_pipeline": "quick-a", "test_sweep": "quick-a", "test_resume": "quick-b",
-                "test_parallel": "quick-b"}
-
-
-@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the marks
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(module, module)))
+def reference_run(shared_tmp, quick_cache, new_store) -> Path:
+    """The reference run dir (REFERENCE on the QUICK base), run once per test session (all workers),
+    in its own output_root (reference_run.parent) beside the shared cache."""
+    def run(root: Path) -> None:
+        with_cache(root, quick_cache, new_store)
+        proc = run_finetune(root, "reference", REFERENCE)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return built_once(shared_tmp / "reference-root", run) / "reference"

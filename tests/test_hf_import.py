@@ -74,13 +74,12 @@ def test_cached_decoding_equals_uncached(stories):
     from finetune.forward import kv_cells, last_logits_cell
 
     rng = np.random.default_rng(0)
-    prompts = [[1], [1, 403, 407, 261], [1] + rng.integers(3, 512, 40).tolist(),
-               [1] + rng.integers(3, 512, 100).tolist(), [1, 378, 5]]
+    prompts = [[1], [1, 403, 407, 261], [1] + rng.integers(3, 512, 40).tolist(), [1] + rng.integers(3, 512, 100).tolist()]
     stats: dict = {}
     cached = greedy_generate(stories.net, prompts, 40, 2, 0, 128, 4, stats=stats)
     assert cached == greedy_generate(stories.net, prompts, 40, 2, 0, 128, 4, cache=False)
     assert len(cached[3]) == 128 - 101                   # stopped by the window, not by max_new_tokens
-    assert stats["shapes"] == 4                          # two batches: a prefill and a step graph each
+    assert stats["shapes"] == 2                          # one batch: a prefill graph and a step graph
     x = np.zeros((4, 64), np.int32)
     x[0, :4], x[1, :1] = [1, 403, 407, 261], [1]
     flat = np.array([3, 64, 128, 192], np.int32)

@@ -90,10 +90,10 @@ def test_resume_without_checkpoints_is_one_line(quick_root):
     assert "finetune: error: train.resume: no usable checkpoint in" in proc.stderr
 
 
-def test_resume_with_other_lora_settings_is_refused(quick_root, reference_run):
+def test_resume_with_other_lora_settings_is_refused(reference_run):
     """Resuming a rank-8 run's checkpoint with lora.alpha=32 would continue a different model:
     refused at start-up, before any data or model is loaded."""
-    proc = _run(quick_root, "reference", ["train.resume=true", "lora.alpha=32"])
+    proc = _run(reference_run.parent, "reference", ["train.resume=true", "lora.alpha=32"])
     assert proc.returncode == 2
     assert "finetune: error: train.resume: the checkpoint was trained with other LoRA settings: " \
            "lora.alpha=32.0 (checkpoint: 16.0)" in proc.stderr, proc.stderr[-2000:]

@@ -88,39 +88,46 @@ def test_lora_training_decreases_loss_and_only_moves_the_adapter(setup, tmp_path
             np.testing.assert_array_equal(p.asnumpy(), after[p.name])
 
 
-def test_accumulation_and_dynamic_loss_scale_match_plain_steps(setup):
+def _six_steps(cfg, tok, ids, labels, batch=16, accumulation=1, sparse=True):
+    """6 LoRA steps at lr 5e-3 (a global batch of 16): (losses, gradient norms, run_steps stats)."""
+    net = _lora_net(cfg, tok, batch, dynamic=sparse)
+    rows = []
+    stats = run_steps(net, ids, labels, Schedule(batch_size=batch, epochs=1, seed=0, accumulation=accumulation,
+                                                 max_steps=6),
+                      opt_cfg=cfg.optimizer, hw=cfg.hardware, pad_id=tok.pad_id, tracker=_Rows(rows), prefix="t_",
+                      desc="test", sparse=sparse)
+    return stats["losses"], [r["t_grad_norm"] for r in rows], stats
+
+
+PLAIN = ["lora.dropout=0.0", "hardware.loss_scale.kind=none", "optimizer.learning_rate=5e-3"]
+
+
+@pytest.fixture(scope="session")   # one run, two tests compare against it
+def plain_steps(setup):
+    """What LoRA training runs: the head on labelled positions of length-bucketed rows, batch 16."""
+    _, tok, _, ids, labels = setup
+    return _six_steps(compose(PLAIN), tok, ids, labels)
+
+
+def test_accumulation_and_dynamic_loss_scale_match_plain_steps(setup, plain_steps):
     """2 micro-batches of 8 with a dynamic loss scale == 1 batch of 16 without: same examples, same
     per-example token count (letter + EOS), and power-of-two scales are exact in float32."""
-    cfg, tok, _, ids, labels = setup
-    curves = []
-    for batch, accum, scale in ((16, 1, "none"), (8, 2, "dynamic")):
-        c = compose(["lora.dropout=0.0", f"hardware.loss_scale.kind={scale}", "optimizer.learning_rate=5e-3"])
-        net = _lora_net(c, tok, batch)
-        stats = run_steps(net, ids, labels, Schedule(batch_size=batch, epochs=1, seed=0, accumulation=accum,
-                                                     max_steps=6),
-                          opt_cfg=c.optimizer, hw=c.hardware, pad_id=tok.pad_id, tracker=_NoTracker(), prefix="t_",
-                          desc="test")
-        curves.append(stats["losses"])
-    np.testing.assert_allclose(curves[0], curves[1], atol=2e-4)
+    _, tok, _, ids, labels = setup
+    c = compose([*PLAIN, "hardware.loss_scale.kind=dynamic"])
+    losses, _, _ = _six_steps(c, tok, ids, labels, batch=8, accumulation=2)
+    np.testing.assert_allclose(losses, plain_steps[0], atol=2e-4)
 
 
-def test_loss_on_answer_positions_equals_the_full_model(setup):
+def test_loss_on_answer_positions_equals_the_full_model(setup, plain_steps):
     """The head on the labelled positions of length-bucketed rows (what LoRA training runs) gives the
     full model's loss and gradients (MindFormers' LlamaForCausalLM as configured before buckets:
     fixed length, logits at every position): the same loss curve and gradient norms over steps
     with updates."""
-    cfg, tok, _, ids, labels = setup
-    curves = {}
-    for sparse in (False, True):
-        net = _lora_net(cfg, tok, dynamic=sparse)
-        rows = []
-        stats = run_steps(net, ids, labels, Schedule(batch_size=16, epochs=1, seed=0, max_steps=6),
-                          opt_cfg=compose(["optimizer.learning_rate=5e-3"]).optimizer, hw=cfg.hardware,
-                          pad_id=tok.pad_id, tracker=_Rows(rows), prefix="t_", desc="test", sparse=sparse)
-        curves[sparse] = (stats["losses"], [r["t_grad_norm"] for r in rows], stats)
-    np.testing.assert_allclose(curves[True][0], curves[False][0], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(curves[True][1], curves[False][1], rtol=1e-5, atol=1e-6)
-    dense, sparse = curves[False][2], curves[True][2]
+    _, tok, _, ids, labels = setup
+    full = _six_steps(compose(PLAIN), tok, ids, labels, sparse=False)
+    np.testing.assert_allclose(plain_steps[0], full[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(plain_steps[1], full[1], rtol=1e-5, atol=1e-6)
+    dense, sparse = full[2], plain_steps[2]
     # model.seq_length=64 is the smallest bucket: one compiled shape either way, the same padding
     assert dense["shapes"] == sparse["shapes"] == 1 and sparse["pad_fraction"] == pytest.approx(dense["pad_fraction"])
 
