@@ -119,6 +119,10 @@ def check(cfg) -> None:
     if ds.train_split == ds.eval_split and not 0.0 < ds.holdout_fraction < 1.0:
         raise ConfigError(f"dataset.holdout_fraction: expected in (0, 1) when train_split == eval_split, "
                           f"got {ds.holdout_fraction}")
+    for key in ("min_f1", "min_em"):
+        value = cfg.eval.squad[key]
+        if value is not None and not 0.0 <= value <= 100.0:
+            raise ConfigError(f"eval.squad.{key}: expected a percentage in [0, 100] or null, got {value}")
     if not 0.0 <= cfg.eval.retention_threshold <= 1.0:
         raise ConfigError(f"eval.retention_threshold: expected in [0, 1], got {cfg.eval.retention_threshold}")
     if m.seq_length - cfg.eval.squad.max_new_tokens < MIN_PROMPT_ROOM:
@@ -131,7 +135,7 @@ def check(cfg) -> None:
         raise ConfigError("sweep.objective: expected a summary key such as mc_accuracy")
 
 
-_NULLABLE = {"train.max_steps", "eval.limit", "eval.squad.limit", "dataset.max_train_questions", "model.vocab_size",
+_NULLABLE = {"train.max_steps", "eval.limit", "eval.squad.limit", "eval.squad.min_f1", "eval.squad.min_em", "dataset.max_train_questions", "model.vocab_size",
              "model.n_kv_heads"}
 
 

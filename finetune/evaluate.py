@@ -43,6 +43,7 @@ def evaluate(ctx) -> dict:
                 "predictions": preds, "probabilities": probs}
 
     squad_records, squad_ids = [], []
+    scfg = cfg.eval.squad
     # eval.squad.path wins; otherwise the dataset's own reading set (the demo writes one).
     squad_path = cfg.eval.squad.path or dataset_squad(ctx.prepared)
     if squad_path:
@@ -51,9 +52,12 @@ def evaluate(ctx) -> dict:
         except ValueError as e:
             raise DataError(f"eval.squad.path: {e}") from None
         log.info("SQuAD: %s", squad_path)
-        if cfg.eval.squad.limit is not None:
-            squad_records = squad_records[:cfg.eval.squad.limit]
-        squad_ids, truncated = squad_prompt_ids(squad_records, tok, cfg.model.seq_length, cfg.eval.squad.max_new_tokens)
+        if scfg.questions == "first_per_paragraph":
+            squad_records = metrics.first_per_paragraph(squad_records)
+        if scfg.limit is not None:
+            squad_records = squad_records[:scfg.limit]
+        squad_ids, truncated = squad_prompt_ids(squad_records, tok, cfg.model.seq_length, scfg.max_new_tokens,
+                                                scfg.prompt, scfg.truncate)
         if truncated:
             log.warning("SQuAD: %d of %d passages cut to fit model.seq_length=%d", truncated, len(squad_records),
                         cfg.model.seq_length)
@@ -61,10 +65,7 @@ def evaluate(ctx) -> dict:
     def squad(net, tag: str) -> dict:
         preds = squad_predictions(net, squad_records, squad_ids, tok, cfg.eval.squad, cfg.model.seq_length)
         (run_dir / f"squad_predictions{tag}.json").write_text(json.dumps(preds, ensure_ascii=False, indent=0))
-        scores = metrics.score_squad_records(squad_records, preds)
-        log.info("SQuAD%s: EM %.2f F1 %.2f on %d questions", tag, scores["exact_match"], scores["f1"],
-                 len(squad_records))
-        return scores
+        return score_squad(squad_records, preds, scfg, tag)
 
     adapter = adapter_path(cfg, run_dir)   # eval.adapter, if set, was checked to exist at start-up
     if not adapter.is_file() and not cfg.eval.base:
@@ -80,7 +81,7 @@ def evaluate(ctx) -> dict:
         log.info("base model: accuracy %.4f on %d questions", base["accuracy"], len(questions))
         if squad_records:
             base_squad = squad(net, "_base")
-            result.update(squad_f1_base=base_squad["f1"], squad_em_base=base_squad["exact_match"])
+            result.update(squad_keys(base_squad, "_base"))
     tuned = None
     if adapter.is_file():
         load_adapter(net, adapter)
@@ -90,9 +91,12 @@ def evaluate(ctx) -> dict:
         log.info("base + adapter: accuracy %.4f", tuned["accuracy"])
         if squad_records:
             tuned_squad = squad(net, "")
-            result.update(squad_f1=tuned_squad["f1"], squad_em=tuned_squad["exact_match"])
+            result.update(squad_keys(tuned_squad, ""))
             if base_squad is not None:
                 result.update(retention(tuned_squad, base_squad, cfg.eval.retention_threshold))
+            if scfg.min_f1 is not None or scfg.min_em is not None:
+                result["retained_absolute"] = ((scfg.min_f1 is None or tuned_squad["f1"] >= scfg.min_f1) and
+                                               (scfg.min_em is None or tuned_squad["exact_match"] >= scfg.min_em))
     else:
         log.warning("evaluate: no adapter at %s (run the train stage, or set eval.adapter); "
                     "mc_accuracy is the base model's", adapter)
@@ -108,6 +112,9 @@ def evaluate(ctx) -> dict:
         result.update(eval_pad_fraction=1 - mc_stats["tokens"] / mc_stats["processed"], eval_shapes=mc_stats["shapes"])
     result["contest_score"] = contest_score(result["mc_accuracy"], result["trainable_ratio_pct"] / 100.0)
     result["squad_questions"] = len(squad_records)
+    result["eval_protocol"] = cfg.eval.protocol
+    if squad_records:
+        result["squad_metric"] = str(scfg.metric)
     result["squad_set"] = str(squad_path) if squad_path else None
     with open(run_dir / "eval_predictions.jsonl", "w", encoding="utf-8") as f:
         for i, q in enumerate(questions):
@@ -119,6 +126,31 @@ def evaluate(ctx) -> dict:
                 row["prediction_base"] = base["predictions"][i]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return result
+
+
+def score_squad(records: list[dict], preds: dict[str, str], scfg, tag: str) -> dict:
+    """{"exact_match", "f1"} under eval.squad.metric (official for `both`), and with `both` every
+    metric's figures as exact_match_<metric> / f1_<metric>."""
+    names = list(metrics.SQUAD_METRICS) if scfg.metric == "both" else [str(scfg.metric)]
+    scores = {}
+    for name in names:
+        s = metrics.score_squad_records(records, preds, name, str(scfg.gold))
+        scores.update({f"exact_match_{name}": s["exact_match"], f"f1_{name}": s["f1"]})
+        log.info("SQuAD%s (%s): EM %.2f F1 %.2f on %d questions", tag, name, s["exact_match"], s["f1"], len(records))
+    primary = names[0]
+    scores.update(exact_match=scores[f"exact_match_{primary}"], f1=scores[f"f1_{primary}"])
+    return scores
+
+
+def squad_keys(scores: dict, tag: str) -> dict:
+    """summary.json keys: squad_f1<tag>, squad_em<tag>; with eval.squad.metric=both also
+    squad_f1_<metric><tag> / squad_em_<metric><tag> for each metric."""
+    out = {f"squad_f1{tag}": scores["f1"], f"squad_em{tag}": scores["exact_match"]}
+    names = [k[len("f1_"):] for k in scores if k.startswith("f1_")]
+    if len(names) > 1:
+        for name in names:
+            out.update({f"squad_f1_{name}{tag}": scores[f"f1_{name}"], f"squad_em_{name}{tag}": scores[f"exact_match_{name}"]})
+    return out
 
 
 def score_checkpoints(net, run_dir, tracker, score_mc, squad, base_squad, threshold: float) -> dict:

@@ -1,4 +1,11 @@
-"""Pure metric functions (no MindSpore): multiple-choice scoring and SQuAD v1.1 EM/F1.
+"""Pure metric functions: multiple-choice scoring and SQuAD v1.1 EM/F1, two ways:
+
+- official: the SQuAD v1.1 script's definitions (normalize: lower-case, drop punctuation and
+  articles; F1 over bags of tokens; max over every gold answer);
+- mindformers: MindFormers' own `EmF1Metric` (what the 2024 contest scored with), called, not
+  rewritten: lower-case, drop a fixed list of punctuation (ASCII . , ! ? ' " ( ) ; stay), jieba
+  segmentation (each CJK character a token), F1 from the longest common *contiguous* run of
+  tokens, EM after dropping that punctuation. It imports MindSpore (seconds), only when asked.
 
 Only `load_squad` and the command line (`python -m finetune.metrics squad ...`) read files."""
 from __future__ import annotations
@@ -11,6 +18,7 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -64,7 +72,9 @@ log = logging.getLogger("finetune.metrics")
 
 _DROP_PUNCTUATION = str.maketrans("", "", string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-SQUAD_USAGE = "usage: python -m finetune.metrics squad DATASET.json PREDICTIONS.json"
+SQUAD_USAGE = ("usage: python -m finetune.metrics squad [--metric official|mindformers|both] [--gold all|first] "
+               "DATASET.json PREDICTIONS.json")
+SQUAD_METRICS = ("official", "mindformers")
 
 
 def normalize_answer(s: str) -> str:
@@ -107,6 +117,7 @@ def _squad_records(dataset, source: str):
                                    f"got {type(value).__name__}")
         return value
 
+    paragraph_index = -1
     for i, article in enumerate(get(dataset, "data", list, "top level")):
         where_a = f"data[{i}]"
         paragraphs = get(article, "paragraphs", list, where_a)
@@ -114,6 +125,7 @@ def _squad_records(dataset, source: str):
         for j, paragraph in enumerate(paragraphs):
             where_p = f"{where_a}.paragraphs[{j}]"
             context = get(paragraph, "context", str, where_p)
+            paragraph_index += 1
             for k, qa in enumerate(get(paragraph, "qas", list, where_p)):
                 where_q = f"{where_p}.qas[{k}]"
                 qid = get(qa, "id", str, where_q)
@@ -123,7 +135,7 @@ def _squad_records(dataset, source: str):
                     fail(where_q, "'answers' is empty")
                 texts = [get(a, "text", str, f"{where_q}.answers[{n}]") for n, a in enumerate(answers)]
                 yield {"id": qid, "title": title, "context": context, "question": question,
-                       "answers": texts}
+                       "answers": texts, "paragraph": paragraph_index}
 
 
 def _read_json(path) -> object:
@@ -142,9 +154,59 @@ def load_squad(path) -> list[dict]:
     return list(_squad_records(_read_json(path), str(path)))
 
 
-def score_squad_records(records, predictions: dict[str, str]) -> dict:
+def first_per_paragraph(records: list[dict]) -> list[dict]:
+    """The first question of every paragraph (the contest's SQuAD set: 2,067 of dev-v1.1's 10,570)."""
+    seen, out = set(), []
+    for r in records:
+        if r["paragraph"] not in seen:
+            seen.add(r["paragraph"])
+            out.append(r)
+    return out
+
+
+def _emf1_metric():
+    """MindFormers' EmF1Metric, imported once and quietly: its module prints nothing we want, and
+    MindFormers writes its logs under LOCAL_DEFAULT_PATH (a temporary folder unless a job set one)."""
+    global _EMF1
+    if _EMF1 is None:
+        import contextlib
+        import io
+        import os
+        import tempfile
+
+        os.environ.setdefault("LOCAL_DEFAULT_PATH", tempfile.mkdtemp(prefix="finetune-mindformers-"))
+        with contextlib.redirect_stdout(io.StringIO()):
+            import jieba
+            from mindformers.core.metric.metric import EmF1Metric
+
+        jieba.setLogLevel(logging.ERROR)   # "Building prefix dict ..." on every first use
+        _EMF1 = EmF1Metric()
+    return _EMF1
+
+
+_EMF1 = None
+
+
+def squad_mindformers(pred: str, golds: Sequence[str]) -> tuple[float, float]:
+    """(EM, F1) as fractions under MindFormers' EmF1Metric, best over `golds`; the prediction is
+    first cut to its first line and stripped, as EmF1Metric.update does with a generation."""
+    import contextlib
+    import io
+
+    metric = _emf1_metric()
+    pred = pred.strip().split("\n")[0]
+    with contextlib.redirect_stdout(io.StringIO()):
+        return float(metric.calc_em_score(list(golds), pred)), float(metric.calc_f1_score(list(golds), pred))
+
+
+def score_squad_records(records, predictions: dict[str, str], metric: str = "official", gold: str = "all") -> dict:
     """{"exact_match", "f1"} in percent over flattened records (load_squad's form); a record
-    without a prediction scores 0."""
+    without a prediction scores 0. metric: official | mindformers (see the module docstring);
+    gold: all (the best over every gold answer) | first (the first gold answer only)."""
+    if metric not in SQUAD_METRICS:
+        raise ValueError(f"SQuAD metric {metric!r}: expected one of {', '.join(SQUAD_METRICS)}")
+    if gold not in ("all", "first"):
+        raise ValueError(f"SQuAD gold {gold!r}: expected all or first")
     em = f1 = 0.0
     total = missing = 0
     for record in records:
@@ -155,8 +217,14 @@ def score_squad_records(records, predictions: dict[str, str]) -> dict:
             continue
         if not isinstance(pred, str):
             raise ValueError(f"prediction for {record['id']!r} is {type(pred).__name__}, not a string")
-        em += max(squad_exact_match(pred, gold) for gold in record["answers"])
-        f1 += max(squad_f1(pred, gold) for gold in record["answers"])
+        golds = record["answers"][:1] if gold == "first" else record["answers"]
+        if metric == "mindformers":
+            e, f = squad_mindformers(pred, golds)
+        else:
+            e = max(squad_exact_match(pred, g) for g in golds)
+            f = max(squad_f1(pred, g) for g in golds)
+        em += e
+        f1 += f
     if total == 0:
         raise ValueError("SQuAD scores of zero questions are undefined")
     if missing:
@@ -172,22 +240,41 @@ def squad_scores(dataset: dict, predictions: dict[str, str]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m finetune.metrics squad DATASET.json PREDICTIONS.json` -> JSON scores on stdout.
+    """`python -m finetune.metrics squad [--metric M] [--gold G] DATASET.json PREDICTIONS.json` ->
+    JSON scores on stdout ({"exact_match", "f1"}; with --metric both, one such object per metric).
     Exit 2 on bad usage, 1 on an unreadable or malformed file."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 3 or args[0] != "squad":
+    options = {"--metric": "official", "--gold": "all"}
+    choices = {"--metric": (*SQUAD_METRICS, "both"), "--gold": ("all", "first")}
+    words, positional = list(sys.argv[1:] if argv is None else argv), []
+    while words:
+        word = words.pop(0)
+        name, _, value = word.partition("=")
+        if name in options:
+            value = value or (words.pop(0) if words else "")
+            if value not in choices[name]:
+                positional = []   # bad usage
+                break
+            options[name] = value
+        else:
+            positional.append(word)
+    if len(positional) != 3 or positional[0] != "squad":
         print(SQUAD_USAGE, file=sys.stderr)
         return 2
-    _, dataset_path, predictions_path = args
+    args = SimpleNamespace(dataset=positional[1], predictions=positional[2], metric=options["--metric"],
+                           gold=options["--gold"])
     try:
-        dataset = _read_json(dataset_path)
+        dataset = _read_json(args.dataset)
         version = dataset.get("version") if isinstance(dataset, dict) else None
         if version != "1.1":
-            log.warning("%s: expected a SQuAD v1.1 file, got version %r", dataset_path, version)
-        predictions = _read_json(predictions_path)
+            log.warning("%s: expected a SQuAD v1.1 file, got version %r", args.dataset, version)
+        predictions = _read_json(args.predictions)
         if not isinstance(predictions, dict):
-            raise ValueError(f"{predictions_path}: expected a JSON object of question id -> answer text")
-        scores = score_squad_records(_squad_records(dataset, dataset_path), predictions)
+            raise ValueError(f"{args.predictions}: expected a JSON object of question id -> answer text")
+        records = list(_squad_records(dataset, args.dataset))
+        if args.metric == "both":
+            scores = {m: score_squad_records(records, predictions, m, args.gold) for m in SQUAD_METRICS}
+        else:
+            scores = score_squad_records(records, predictions, args.metric, args.gold)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -232,6 +232,32 @@ class SweepConfig:
     require_retained: bool = True  # skip children whose SQuAD retention failed (where measured)
 
 
+class SquadMetric(Choice):
+    official = "official"          # the SQuAD v1.1 script's EM / F1
+    mindformers = "mindformers"    # MindFormers' EmF1Metric (the 2024 contest's)
+    both = "both"                  # squad_f1/squad_em official, plus *_official and *_mindformers keys
+
+
+class SquadQuestions(Choice):
+    all = "all"
+    first_per_paragraph = "first_per_paragraph"   # the contest's set: 2,067 of dev-v1.1's 10,570
+
+
+class SquadGold(Choice):
+    all = "all"                    # best over every gold answer (the official script)
+    first = "first"                # the first gold answer only (the contest)
+
+
+class SquadPrompt(Choice):
+    plain = "plain"                # "{context}\n\nQuestion: {question}\nAnswer:"
+    mindformers = "mindformers"    # the contest's Alpaca-style template (finetune/squad.py)
+
+
+class Truncate(Choice):
+    start = "start"                # a too-long prompt loses the start of its passage (keeps the question)
+    end = "end"                    # ... loses its end (the contest: the head is kept)
+
+
 @dataclass
 class SquadConfig:
     """SQuAD v1.1 retained-ability check: passage + question -> short answer (greedy)."""
@@ -239,6 +265,15 @@ class SquadConfig:
     limit: Optional[int] = 200     # first N questions (null = all 10,570 of the dev set)
     max_new_tokens: int = 16
     batch_size: int = 8
+    metric: SquadMetric = SquadMetric.official
+    questions: SquadQuestions = SquadQuestions.all
+    gold: SquadGold = SquadGold.all
+    prompt: SquadPrompt = SquadPrompt.plain
+    truncate: Truncate = Truncate.start
+    # Absolute bars besides the ratio to the base (retention_threshold): e.g. the seed's 53.88 / 31.59.
+    # When either is set, `retained_absolute` says whether the fine-tuned model reaches both.
+    min_f1: Optional[float] = None
+    min_em: Optional[float] = None
 
 
 @dataclass
@@ -252,6 +287,7 @@ class PredictConfig:
 
 @dataclass
 class EvalConfig:
+    protocol: str = "standard"     # the eval group's name: standard | contest (conf/eval/)
     num_shots: int = 0             # k-shot examples from the dev split, same subject
     batch_size: int = 16
     limit: Optional[int] = None    # evaluate the first N questions only
@@ -276,7 +312,7 @@ class Config:
     hardware: HardwareConfig = MISSING
     tracking: TrackingConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = MISSING
     predict: PredictConfig = field(default_factory=PredictConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -289,7 +325,7 @@ class Config:
 
 GROUPS: dict[str, Any] = {
     "dataset": DatasetConfig, "model": ModelConfig, "lora": LoraConfig, "optimizer": OptimizerConfig,
-    "parallel": ParallelConfig, "hardware": HardwareConfig, "tracking": TrackingConfig,
+    "parallel": ParallelConfig, "hardware": HardwareConfig, "tracking": TrackingConfig, "eval": EvalConfig,
 }
 
 

@@ -9,21 +9,31 @@ from .generate import greedy_generate
 log = logging.getLogger("finetune.squad")
 
 
-def squad_prompt(context: str, question: str) -> str:
+# eval.squad.prompt=mindformers: the contest's template (an Alpaca layout with the passage as the
+# instruction and the question as the input).
+CONTEST_TEMPLATE = ("Read the passage and answer the question below.\n\n### Instruction:\n{context}\n\n"
+                    "### Input:\n{question}\n\n### Response:")
+
+
+def squad_prompt(context: str, question: str, style: str = "plain") -> str:
+    if str(style) == "mindformers":
+        return CONTEST_TEMPLATE.format(context=context, question=question)
     return f"{context}\n\nQuestion: {question}\nAnswer:"
 
 
-def squad_prompt_ids(records: list[dict], tok, seq_length: int, max_new_tokens: int) -> tuple[list[list[int]], int]:
-    """[bos] + prompt per question; a prompt longer than the window keeps its end (the question)
-    and loses the start of the passage. Returns (ids, number truncated)."""
+def squad_prompt_ids(records: list[dict], tok, seq_length: int, max_new_tokens: int, style: str = "plain",
+                     truncate: str = "start") -> tuple[list[list[int]], int]:
+    """[bos] + prompt per question. A prompt longer than the window is cut: truncate=start keeps
+    its end (the question) and loses the start of the passage; truncate=end keeps its head (the
+    contest's way). Returns (ids, number truncated)."""
     room = seq_length - max_new_tokens
     if room < 8:
         raise ValueError(f"eval.squad.max_new_tokens={max_new_tokens} leaves no room in model.seq_length={seq_length}")
     out, truncated = [], 0
     for r in records:
-        ids = [tok.bos_id] + tok.encode(squad_prompt(r["context"], r["question"]))
+        ids = [tok.bos_id] + tok.encode(squad_prompt(r["context"], r["question"], style))
         if len(ids) > room:
-            ids = [tok.bos_id] + ids[-(room - 1):]
+            ids = ids[:room] if str(truncate) == "end" else [tok.bos_id] + ids[-(room - 1):]
             truncated += 1
         out.append(ids)
     return out, truncated

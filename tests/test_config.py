@@ -315,3 +315,35 @@ def test_cli_help_and_cfg_job(tmp_path):
     assert proc.returncode == 0
     printed = OmegaConf.create(proc.stdout)
     assert printed.lora.rank == 4 and printed.model.name == "tiny" and list(printed.stages)[0] == "prepare"
+
+
+def test_eval_contest_switches_every_choice():
+    standard, contest = resolve(_compose()), resolve(_compose(["eval=contest"]))
+    assert standard.eval.protocol == "standard" and standard.eval.squad.metric == "official"
+    sq = contest.eval.squad
+    assert contest.eval.protocol == "contest"
+    assert (sq.metric, sq.questions, sq.gold, sq.prompt, sq.truncate, sq.max_new_tokens, sq.limit) == \
+        ("mindformers", "first_per_paragraph", "first", "mindformers", "end", 20, None)
+    assert (sq.min_f1, sq.min_em) == (53.88, 31.59)
+    assert contest.eval.batch_size == standard.eval.batch_size        # the rest is the standard group's
+    with pytest.raises(ConfigError, match=r"eval.squad.min_f1: expected a percentage in \[0, 100\]"):
+        resolve(_compose(["eval.squad.min_f1=0.5388e3"]))
+    with pytest.raises(ConfigCompositionException, match="eval.squad.metric=mindformer"):
+        _compose(["eval.squad.metric=mindformer"])   # a typo fails at compose time
+
+
+def test_squad_prompt_styles_and_truncation_sides():
+    from types import SimpleNamespace
+
+    from finetune.squad import squad_prompt, squad_prompt_ids
+
+    assert squad_prompt("C.", "Q?") == "C.\n\nQuestion: Q?\nAnswer:"
+    assert squad_prompt("C.", "Q?", "mindformers") == (
+        "Read the passage and answer the question below.\n\n### Instruction:\nC.\n\n### Input:\nQ?\n\n### Response:")
+    tok = SimpleNamespace(bos_id=1, encode=lambda text: [ord(c) for c in text])
+    record = [{"context": "x" * 40, "question": "why?"}]
+    (start,), n = squad_prompt_ids(record, tok, 30, 10, "plain", "start")
+    (end,), _ = squad_prompt_ids(record, tok, 30, 10, "plain", "end")
+    full = [1] + [ord(c) for c in squad_prompt("x" * 40, "why?")]
+    assert n == 1 and len(start) == len(end) == 20
+    assert start == [1] + full[-19:] and end == full[:20]   # start: keeps the question; end: keeps the head

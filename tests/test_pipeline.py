@@ -170,6 +170,21 @@ def test_evaluate_stage_alone_reuses_the_run_dir(pipeline):
         c["mc_accuracy"] for c in scores))
 
 
+def test_contest_protocol_on_the_demo(pipeline):
+    """eval=contest: SQuAD under MindFormers' EmF1Metric on the first question of each paragraph
+    (the demo's 10 questions sit in 5 passages), with the absolute bars; the standard keys stay."""
+    tmp, first = pipeline
+    proc = _run(["stages=[evaluate]", "eval=contest", "eval.limit=4", "model.seq_length=128",
+                 f"eval.adapter={tmp / 'run' / 'adapter.ckpt'}"], tmp, run="contest")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp / "contest" / "summary.json").read_text())
+    assert s["eval_protocol"] == "contest" and s["squad_metric"] == "mindformers"
+    assert s["squad_questions"] == 5 and "SQuAD (mindformers)" in proc.stderr + proc.stdout
+    assert isinstance(s["retained_absolute"], bool)
+    assert s["retained_absolute"] == (s["squad_f1"] >= 53.88 and s["squad_em"] >= 31.59)
+    assert 0 <= s["squad_em"] <= 100 and 0 <= s["squad_f1"] <= 100
+
+
 def test_failure_is_one_line_and_marks_the_run_failed(pipeline):
     from mlflow.tracking import MlflowClient
 

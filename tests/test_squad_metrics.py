@@ -161,7 +161,7 @@ def test_load_squad_flattens_the_official_files(dev_full, dev_300_path):
     assert len(records) == DEV_FULL
     assert len({r["id"] for r in records}) == DEV_FULL
     first = records[0]
-    assert set(first) == {"id", "title", "context", "question", "answers"}
+    assert set(first) == {"id", "title", "context", "question", "answers", "paragraph"}
     assert first["title"] == "Super_Bowl_50"
     assert first["answers"] and all(isinstance(a, str) for a in first["answers"])
     assert first["answers"][0] in first["context"]
@@ -252,3 +252,63 @@ def test_cli_malformed_or_missing_file_exits_1(tmp_path, capsys):
     not_a_dict = _write(tmp_path / "list.json", ["Paris"])
     assert metrics.main(["squad", str(good), str(not_a_dict)]) == 1
     assert "list.json: expected a JSON object" in capsys.readouterr().err
+
+
+# --- MindFormers' EmF1Metric (eval.squad.metric=mindformers: the contest's scorer) ---
+# Worked examples where the two definitions disagree: (prediction, golds, official (EM, F1),
+# MindFormers (EM, F1)); figures computed by hand from each definition.
+DISAGREE = [
+    # an article: official drops a/an/the; EmF1Metric keeps "the" (2 of 4 segments with the
+    # spaces: precision 3/5 ("the", " ", "denver", " ", "broncos" vs "denver", " ", "broncos")
+    ("The Denver Broncos", ["Denver Broncos"], (1.0, 1.0), (0.0, 0.75)),
+    # a trailing period: official drops it; EmF1Metric keeps ASCII "." (precision 3/4, recall 1)
+    ("Denver Broncos.", ["Denver Broncos"], (1.0, 1.0), (0.0, 6 / 7)),
+    # word order: a bag of tokens officially; the longest common contiguous run for MindFormers
+    ("Broncos Denver", ["Denver Broncos"], (0.0, 1.0), (0.0, 1 / 3)),
+    # a comma in a number: official drops it (1000 == 1,000); MindFormers segments "1,000"
+    ("1,000 people", ["1000 people"], (1.0, 1.0), (0.0, 0.5)),
+    # CJK: "。" is not ASCII punctuation (official: different strings); MindFormers drops it
+    ("郑州市。", ["郑州市"], (0.0, 0.0), (1.0, 1.0)),
+    ("郑州", ["郑州市"], (0.0, 0.0), (0.0, 0.8)),
+    # several golds: both take the best
+    ("Broncos", ["Denver Broncos", "Broncos"], (1.0, 1.0), (1.0, 1.0)),
+    # only the first line of a generation counts under EmF1Metric
+    ("Paris\nand more text", ["Paris"], (0.0, 0.4), (1.0, 1.0)),   # official: P 1/4, R 1
+]
+
+
+@pytest.mark.parametrize("pred,golds,official,mindformers", DISAGREE)
+def test_official_and_mindformers_metrics_disagree_as_defined(pred, golds, official, mindformers):
+    assert max(metrics.squad_exact_match(pred, g) for g in golds) == official[0]
+    assert max(metrics.squad_f1(pred, g) for g in golds) == pytest.approx(official[1])
+    em, f1 = metrics.squad_mindformers(pred, golds)
+    assert (em, f1) == (mindformers[0], pytest.approx(mindformers[1]))
+
+
+def test_gold_first_scores_against_the_first_answer_only():
+    records = [{"id": "q", "answers": ["Denver Broncos", "Broncos"]}]
+    assert metrics.score_squad_records(records, {"q": "Broncos"}, "official", "all")["exact_match"] == 100.0
+    first = metrics.score_squad_records(records, {"q": "Broncos"}, "official", "first")
+    assert first == {"exact_match": 0.0, "f1": pytest.approx(100 * 2 / 3)}
+    assert metrics.score_squad_records(records, {"q": "Broncos"}, "mindformers", "first") == \
+        {"exact_match": 0.0, "f1": pytest.approx(100 * 2 * (1 / 3) / (1 + 1 / 3))}   # "broncos" of 3 segments
+
+
+def test_first_question_of_every_paragraph_is_the_contest_set(dev_full):
+    _, records = dev_full
+    contest = metrics.first_per_paragraph(records)
+    assert len(contest) == 2067                     # every paragraph of dev-v1.1 once
+    assert len({r["context"] for r in contest}) == 2067       # one question per distinct passage
+    assert contest[0] == records[0] and contest[1]["paragraph"] == 1
+
+
+def test_cli_metric_both_and_gold_first(tmp_path):
+    data = _write(tmp_path / "d.json", _squad_json(("A", [("c", [("q1", "q?", ["Denver Broncos", "Broncos"])])])))
+    preds = _write(tmp_path / "p.json", {"q1": "The Denver Broncos"})
+    run = _cli("squad", "--metric", "both", data, preds)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == {"official": {"exact_match": 100.0, "f1": 100.0},
+                                      "mindformers": {"exact_match": 0.0, "f1": pytest.approx(75.0)}}
+    run = _cli("squad", "--metric=mindformers", "--gold", "first", data, preds)
+    assert json.loads(run.stdout) == {"exact_match": 0.0, "f1": pytest.approx(75.0)}
+    assert _cli("squad", "--metric", "rouge", data, preds).returncode == 2
