@@ -77,7 +77,8 @@ def evaluate(ctx) -> dict:
     base = base_squad = None
     if cfg.eval.base:
         base = score_mc(net)
-        result.update(mc_accuracy_base=base["accuracy"], per_subject_accuracy_base=base["per_subject"])
+        result.update(mc_accuracy_base=base["accuracy"], per_subject_accuracy_base=base["per_subject"],
+                      mc_accuracy_macro_base=metrics.macro_accuracy(base["per_subject"]))
         log.info("base model: accuracy %.4f on %d questions", base["accuracy"], len(questions))
         if squad_records:
             base_squad = squad(net, "_base")
@@ -87,7 +88,7 @@ def evaluate(ctx) -> dict:
         load_adapter(net, adapter)
         tuned = score_mc(net)
         result.update(mc_accuracy=tuned["accuracy"], per_subject_accuracy=tuned["per_subject"],
-                      evaluated_adapter=str(adapter))
+                      mc_accuracy_macro=metrics.macro_accuracy(tuned["per_subject"]), evaluated_adapter=str(adapter))
         log.info("base + adapter: accuracy %.4f", tuned["accuracy"])
         if squad_records:
             tuned_squad = squad(net, "")
@@ -101,7 +102,8 @@ def evaluate(ctx) -> dict:
         log.warning("evaluate: no adapter at %s (run the train stage, or set eval.adapter); "
                     "mc_accuracy is the base model's", adapter)
         net = apply_lora(net, cfg.lora, cfg.seed)   # only to count what LoRA would train
-        result.update(mc_accuracy=base["accuracy"], per_subject_accuracy=base["per_subject"], evaluated_adapter=None)
+        result.update(mc_accuracy=base["accuracy"], per_subject_accuracy=base["per_subject"],
+                      mc_accuracy_macro=metrics.macro_accuracy(base["per_subject"]), evaluated_adapter=None)
     result.update(param_summary(count_params(net)))
 
     if cfg.eval.checkpoints:

@@ -77,6 +77,15 @@ SQUAD_USAGE = ("usage: python -m finetune.metrics squad [--metric official|mindf
 SQUAD_METRICS = ("official", "mindformers")
 
 
+def macro_accuracy(per_subject: dict[str, float]) -> float:
+    """The mean of per-subject accuracies (CMMLU's official average; MMLU reports it too), beside
+    the micro average over questions (mc_accuracy): a subject of 10 questions weighs as much as
+    one of 1,000."""
+    if not per_subject:
+        raise ValueError("macro accuracy of zero subjects is undefined")
+    return sum(per_subject.values()) / len(per_subject)
+
+
 def normalize_answer(s: str) -> str:
     """SQuAD normalization: lower-case, drop punctuation, drop a/an/the, collapse whitespace."""
     s = s.lower().translate(_DROP_PUNCTUATION)

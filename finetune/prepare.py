@@ -29,8 +29,9 @@ from .tokenizer import tokenizer_fingerprint
 log = logging.getLogger("finetune.prepare")
 
 # Bump when the prepared layout or prompt/tokenization logic changes, to invalidate caches.
-FORMAT_VERSION = 4   # 2: the demo's SQuAD-format reading set (squad.json); 3: general records mixed in;
-# 4: training rows sorted by length within chunks (data/mindrecord.length_grouped)
+FORMAT_VERSION = 5   # 2: the demo's SQuAD-format reading set (squad.json); 3: general records mixed in;
+# 4: training rows sorted by length within chunks (data/mindrecord.length_grouped); 5: question and
+# option texts stripped; CMMLU headers name the subject in Chinese
 READERS = {"mmlu": read_mmlu, "cmmlu": read_cmmlu}
 
 

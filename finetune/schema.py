@@ -84,6 +84,7 @@ class DatasetConfig:
     holdout_fraction: float = 0.2
     subjects: Optional[list[str]] = None   # keep only these subjects (null = all)
     max_train_questions: Optional[int] = None  # cap after the split, for quick runs
+    num_shots: int = 0             # the dataset's standard k-shot (MMLU, CMMLU: 5); eval.num_shots follows it
     general: GeneralConfig = field(default_factory=GeneralConfig)
     demo: Optional[DemoConfig] = None
 

@@ -253,3 +253,17 @@ def test_cmmlu_no_dev_dir(tmp_path):
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / "math.csv").write_text(CMMLU_GOOD, encoding="utf-8")
     assert str(tmp_path / "dev") in _error(read_cmmlu, tmp_path)
+
+
+def test_question_and_option_texts_are_stripped(mmlu, cmmlu, shared):
+    """963 MMLU test questions carry stray whitespace in the CSV; the prompts get them stripped."""
+    import csv
+
+    raw = 0
+    for path in sorted((shared / "data" / "mmlu" / "test").glob("*.csv")):
+        with path.open(encoding="utf-8", newline="") as f:
+            raw += sum(row[0] != row[0].strip() for row in csv.reader(f))
+    assert raw == 963
+    for data in (mmlu, cmmlu):
+        for q in data["test"] + data["dev"]:
+            assert q.question == q.question.strip() and all(c == c.strip() for c in q.choices), q.source

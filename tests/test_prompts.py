@@ -93,3 +93,21 @@ def test_write_alpaca_json(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["train.json"]  # no .tmp left behind
     write_alpaca_json(recs[:1], out)  # overwrite in place
     assert json.loads(out.read_text(encoding="utf-8")) == recs[:1]
+
+
+def test_cmmlu_headers_name_the_subject_in_chinese(shared):
+    from finetune.data.prompts import CMMLU_SUBJECTS_ZH
+
+    assert header("agronomy", "cmmlu") == "以下是关于农学的单项选择题，请直接给出正确答案的选项。"
+    assert header("high_school_mathematics", "cmmlu").startswith("以下是关于高中数学的")
+    assert header("agronomy", "mmlu") == "The following are multiple choice questions (with answers) about agronomy."
+    files = sorted(p.stem for p in (shared / "data" / "cmmlu" / "test").glob("*.csv"))
+    assert sorted(CMMLU_SUBJECTS_ZH) == files and len(files) == 67   # every official subject has its name
+
+
+def test_macro_accuracy_weighs_subjects_equally():
+    from finetune.metrics import macro_accuracy, per_subject_accuracy
+
+    subjects = ["a"] * 9 + ["b"]
+    preds, answers = ["A"] * 10, ["A"] * 9 + ["B"]    # a: 9/9, b: 0/1 -> micro 0.9, macro 0.5
+    assert macro_accuracy(per_subject_accuracy(subjects, preds, answers)) == 0.5

@@ -123,11 +123,13 @@ def make_question(dataset: str, split: str, subject: str, row: int, source: str,
     # so anything else is a wrong column or a different answer format, not a typo to guess at.
     if answer.strip() not in LETTERS:
         raise DataError(f"{source}: answer must be one of A, B, C, D, found {answer!r}")
+    # Stripped, as the standard harnesses do (963 MMLU test questions carry stray leading or
+    # trailing whitespace that would otherwise reach the prompt).
     return Question(
         id=f"{dataset}/{split}/{subject}/{row}",
         subject=subject,
-        question=question,
-        choices=(a, b, c, d),
+        question=question.strip(),
+        choices=(a.strip(), b.strip(), c.strip(), d.strip()),
         answer=answer.strip(),
         source=source,
     )
