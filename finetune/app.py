@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -53,8 +54,11 @@ assert tuple(STAGES) == STAGE_ORDER
 
 
 def write_json(path: Path, data: dict) -> None:
+    """Valid JSON whatever the figures: a NaN or infinite number (e.g. tokens/s of a run too short
+    to time) is written as null, which JSON has, not as NaN, which it has not."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    tmp.write_text(json.dumps(_finite_or_null(data), indent=1, ensure_ascii=False, default=str, allow_nan=False),
+                   encoding="utf-8")
     tmp.replace(path)
 
 
@@ -174,6 +178,16 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return summary
+
+
+def _finite_or_null(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def mark_failed(summary_path: Path, error: Exception) -> None:

@@ -18,7 +18,7 @@ from omegaconf.errors import MissingMandatoryValue
 from .errors import ConfigError
 
 # keys that must be >= 1 (null allowed where the schema says Optional)
-AT_LEAST_ONE = ("train.epochs", "train.batch_size", "train.max_steps", "eval.batch_size", "eval.limit",
+AT_LEAST_ONE = ("train.epochs", "train.batch_size", "train.max_steps", "train.max_nonfinite_steps", "eval.batch_size", "eval.limit",
                 "eval.squad.limit", "eval.squad.max_new_tokens", "eval.squad.batch_size", "predict.batch_size",
                 "predict.max_new_tokens", "parallel.gradient_accumulation_steps", "model.seq_length",
                 "model.hidden_size", "model.num_layers", "model.num_heads", "model.intermediate_size",

@@ -28,3 +28,8 @@ class TokenizerError(UserError):
 class LaunchError(UserError):
     """msrun or one of its workers failed; the message carries the failing worker's log tail."""
     exit_code = 1
+
+
+class TrainingDiverged(UserError):
+    """Loss or gradients stopped being finite: the run stops (FAILED), the last good checkpoint kept."""
+    exit_code = 1

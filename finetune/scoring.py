@@ -89,7 +89,12 @@ def letter_logits(net, token_lists: list[list[int]], letter_ids: list[int], batc
 
 
 def choose(logits: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """(predicted letter per row, [N, 4] probabilities) from letter logits."""
+    """(predicted letter per row, [N, 4] probabilities) from letter logits. Non-finite logits are
+    broken weights (e.g. diverged training), not a prediction: an error."""
+    bad = int((~np.isfinite(logits)).any(axis=1).sum())
+    if bad:
+        raise ModelError(f"the model's letter logits are not finite (NaN or inf) for {bad} of {len(logits)} "
+                         f"questions: its weights are broken (diverged training?), nothing to score")
     return metrics.mc_predictions(logits), metrics.letter_probabilities(logits)
 
 

@@ -8,6 +8,7 @@ run on CPU (NPUGetFloatStatusV2), while this form runs on CPU and Ascend alike.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from .adapter import ADAPTER_FILE, load_adapter, lora_differences, read_adapter, save_adapter
 from .checkpoints import add_to_index, newest_valid, save_steps
 from .data.mindrecord import read_shards
-from .errors import ModelError
+from .errors import ModelError, TrainingDiverged
 from .forward import answer_loss_cell, answer_positions, bucket, labelled_per_row, row_lengths
 from .lora import apply_lora
 from .ckpt import read_checkpoint, save_checkpoint
@@ -37,6 +38,9 @@ class Schedule:
     accumulation: int = 1
     max_steps: int | None = None
     shuffle: bool = True
+    # Under dynamic loss scaling, a non-finite step is an overflow: skipped, the scale halved. This
+    # many in a row means the run diverged, not the scale. Without loss scaling: the first one.
+    max_nonfinite_steps: int = 8
 
 
 def make_optimizer(params, opt_cfg, total_steps: int):
@@ -210,6 +214,8 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, o
 
     log_rows = _open_log(log_file, start)
     losses, tokens_done, timed_tokens, timed_seconds, skipped, processed, shapes = [], 0, 0, 0.0, 0, 0, set()
+    nonfinite_run = 0   # non-finite steps in a row
+    limit = schedule.max_nonfinite_steps if scaler is not None else 1
     order, order_epoch = None, -1
     bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
     for step in range(start + 1, total + 1):
@@ -234,8 +240,9 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, o
             step_tokens += int((ids[rows][:, :-1] != pad_id).sum()) * world  # every rank takes as many rows
         dt = time.perf_counter() - t0
         loss_value = loss_sum / accumulation
-        finite = bool(finite.asnumpy())
+        finite = bool(finite.asnumpy()) and math.isfinite(loss_value)
         skipped += not finite
+        nonfinite_run = 0 if finite else nonfinite_run + 1
         losses.append(loss_value)
         tokens_done += step_tokens
         if not compiled:  # a step that compiled a graph (a new shape) is not a measure of speed
@@ -247,10 +254,22 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, o
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
         row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(norm.asnumpy()),
                "tokens_per_s": tps, "loss_scale": current_scale()}
-        tracker.log_metrics({f"{prefix}{key}": v for key, v in row.items() if key != "step"}, step=step)
+        # MLflow keeps finite points only (tracking.Tracker): the count says when there were others
+        tracker.log_metrics({**{f"{prefix}{key}": v for key, v in row.items() if key != "step"},
+                             f"{prefix}nonfinite_steps": skipped}, step=step)
         if log_rows:
             log_rows.write(",".join(f"{row[c]:.8g}" if c != "step" else str(step) for c in LOG_COLUMNS) + "\n")
             log_rows.flush()
+        if nonfinite_run >= limit:
+            bar.close()
+            if log_rows:
+                log_rows.close()
+            tracker.flush()
+            why = "without loss scaling" if scaler is None else f"{nonfinite_run} steps in a row under loss scaling"
+            raise TrainingDiverged(
+                f"training diverged at step {step}: loss {loss_value:.6g}, gradient norm {row['grad_norm']:.6g} "
+                f"(not finite, {why}); no adapter written from it, the checkpoints saved before are kept "
+                f"(lower optimizer.learning_rate, currently {opt_cfg.learning_rate:g})")
         if step in save_at and on_save is not None:
             on_save(step, state)
     bar.close()
@@ -298,7 +317,7 @@ def train(ctx) -> dict:
 
     schedule = Schedule(batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, seed=cfg.seed,
                         accumulation=cfg.parallel.gradient_accumulation_steps, max_steps=cfg.train.max_steps,
-                        shuffle=cfg.train.shuffle)
+                        shuffle=cfg.train.shuffle, max_nonfinite_steps=cfg.train.max_nonfinite_steps)
     total = total_steps(len(ids), schedule.batch_size * schedule.accumulation, schedule.epochs, schedule.max_steps)
     save_at = save_steps(total, cfg.train.save.num_checkpoints)
 
