@@ -19,7 +19,8 @@ from .errors import ConfigError
 
 # keys that must be >= 1 (null allowed where the schema says Optional)
 AT_LEAST_ONE = ("train.epochs", "train.batch_size", "train.max_steps", "train.max_nonfinite_steps", "eval.batch_size", "eval.limit",
-                "eval.squad.limit", "eval.squad.max_new_tokens", "eval.squad.batch_size", "predict.batch_size",
+                "eval.squad.limit", "eval.squad.max_new_tokens", "eval.squad.batch_size", "eval.mc.max_new_tokens",
+                "predict.batch_size",
                 "predict.max_new_tokens", "parallel.gradient_accumulation_steps", "model.seq_length",
                 "model.hidden_size", "model.num_layers", "model.num_heads", "model.intermediate_size",
                 "model.pretrain.batch_size", "parallel.data_parallel", "parallel.model_parallel",
@@ -119,6 +120,9 @@ def check(cfg) -> None:
     if ds.train_split == ds.eval_split and not 0.0 < ds.holdout_fraction < 1.0:
         raise ConfigError(f"dataset.holdout_fraction: expected in (0, 1) when train_split == eval_split, "
                           f"got {ds.holdout_fraction}")
+    if cfg.dataset.style == "contest" and "evaluate" in cfg.stages and cfg.eval.mc.method != "generate":
+        raise ConfigError("dataset.style=contest answers 'The right option is X.' (several tokens), which letter "
+                          "logits cannot score: use eval.mc.method=generate (eval=contest sets it)")
     for key in ("min_f1", "min_em"):
         value = cfg.eval.squad[key]
         if value is not None and not 0.0 <= value <= 100.0:

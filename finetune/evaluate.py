@@ -14,7 +14,8 @@ from .data.prepared import dataset_squad, load_questions
 from .errors import DataError, ModelError
 from .lora import apply_lora, with_adapter
 from .model import count_params, param_summary
-from .scoring import build_eval_prompts, choose, letter_logits, letter_token_ids, probabilities_row
+from .scoring import (build_eval_prompts, choose, generated_choices, letter_logits, letter_token_ids,
+                      probabilities_row)
 from .squad import contest_score, retention, squad_predictions, squad_prompt_ids
 
 log = logging.getLogger("finetune.evaluate")
@@ -27,20 +28,29 @@ def evaluate(ctx) -> dict:
         questions = questions[:cfg.eval.limit]
     dev = load_questions(ctx.prepared, "dev")
     style = cfg.dataset.style
-    letter_ids = letter_token_ids(tok, style)
-    token_lists, prompt_stats = build_eval_prompts(questions, dev, style, cfg.eval.num_shots, tok,
-                                                   cfg.model.seq_length)
+    generate = cfg.eval.mc.method == "generate"
+    letter_ids = None if generate else letter_token_ids(tok, style)
+    # generate: the prompt leaves room for the answer in the window
+    room = cfg.model.seq_length - (cfg.eval.mc.max_new_tokens if generate else 0)
+    token_lists, prompt_stats = build_eval_prompts(questions, dev, style, cfg.eval.num_shots, tok, room)
     answers, subjects = [q.answer for q in questions], [q.subject for q in questions]
 
     mc_stats: dict = {}
 
     def score_mc(net) -> dict:
-        logits = letter_logits(net, token_lists, letter_ids, cfg.eval.batch_size, cfg.model.seq_length, tok.pad_id,
-                               mc_stats)
-        preds, probs = choose(logits)
-        return {"accuracy": metrics.accuracy(preds, answers),
-                "per_subject": metrics.per_subject_accuracy(subjects, preds, answers),
-                "predictions": preds, "probabilities": probs}
+        texts = probs = None
+        if generate:   # the contest's way: greedy answer, letter parsed; unparsed counts as wrong
+            preds, texts = generated_choices(net, token_lists, tok, cfg.eval.mc.max_new_tokens, cfg.model.seq_length,
+                                             cfg.eval.batch_size)
+        else:
+            logits = letter_logits(net, token_lists, letter_ids, cfg.eval.batch_size, cfg.model.seq_length,
+                                   tok.pad_id, mc_stats)
+            preds, probs = choose(logits)
+        scored = [p or "" for p in preds]
+        return {"accuracy": metrics.accuracy(scored, answers),
+                "per_subject": metrics.per_subject_accuracy(subjects, scored, answers),
+                "predictions": preds, "probabilities": probs, "texts": texts,
+                "unparsed": sum(p is None for p in preds)}
 
     squad_records, squad_ids = [], []
     scfg = cfg.eval.squad
@@ -79,6 +89,8 @@ def evaluate(ctx) -> dict:
         base = score_mc(net)
         result.update(mc_accuracy_base=base["accuracy"], per_subject_accuracy_base=base["per_subject"],
                       mc_accuracy_macro_base=metrics.macro_accuracy(base["per_subject"]))
+        if generate:
+            result["mc_unparsed_base"] = base["unparsed"]
         log.info("base model: accuracy %.4f on %d questions", base["accuracy"], len(questions))
         if squad_records:
             base_squad = squad(net, "_base")
@@ -90,6 +102,8 @@ def evaluate(ctx) -> dict:
         result.update(mc_accuracy=tuned["accuracy"], per_subject_accuracy=tuned["per_subject"],
                       mc_accuracy_macro=metrics.macro_accuracy(tuned["per_subject"]), evaluated_adapter=str(adapter))
         log.info("base + adapter: accuracy %.4f", tuned["accuracy"])
+        if generate:
+            result["mc_unparsed"] = tuned["unparsed"]
         if squad_records:
             tuned_squad = squad(net, "")
             result.update(squad_keys(tuned_squad, ""))
@@ -115,6 +129,7 @@ def evaluate(ctx) -> dict:
     result["contest_score"] = contest_score(result["mc_accuracy"], result["trainable_ratio_pct"] / 100.0)
     result["squad_questions"] = len(squad_records)
     result["eval_protocol"] = cfg.eval.protocol
+    result["eval_mc_method"] = str(cfg.eval.mc.method)
     if squad_records:
         result["squad_metric"] = str(scfg.metric)
     result["squad_set"] = str(squad_path) if squad_path else None
@@ -122,8 +137,11 @@ def evaluate(ctx) -> dict:
         for i, q in enumerate(questions):
             row = {"id": q.id, "subject": q.subject, "answer": q.answer}
             if tuned is not None:
-                row["prediction"] = tuned["predictions"][i]
-                row["probabilities"] = probabilities_row(tuned["probabilities"][i])
+                row["prediction"] = tuned["predictions"][i]     # None: no letter in the generated answer
+                if generate:
+                    row["generation"] = tuned["texts"][i]
+                else:
+                    row["probabilities"] = probabilities_row(tuned["probabilities"][i])
             if base is not None:
                 row["prediction_base"] = base["predictions"][i]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -26,11 +27,19 @@ from .data.records import LETTERS, DataError
 from .generate import greedy_generate
 from .lora import with_adapter
 from .model import load_model
-from .scoring import choose, letter_logits, letter_token_ids, probabilities_row
+from .scoring import choose, generated_choices, letter_logits, letter_token_ids, probabilities_row
 from .squad import answer_text
 
 log = logging.getLogger("finetune.predict")
 _CUES = {"mmlu": "Answer:", "cmmlu": "答案是："}
+# dataset.style=contest: a multiple-choice prompt ends with its four options ("\nA.x\nB.y\nC.z\nD.w\n")
+_CONTEST_OPTIONS = re.compile(r"\nA\..*\nB\..*\nC\..*\nD\.[^\n]*\n?$", re.DOTALL)
+
+
+def is_multiple_choice(prompt: str, style: str) -> bool:
+    if style == "contest":
+        return bool(_CONTEST_OPTIONS.search(prompt))
+    return prompt.rstrip().endswith(_CUES[style])
 
 
 def read_predict_input(path: str | Path, style: str) -> list[dict]:
@@ -55,21 +64,24 @@ def predict(ctx) -> dict:
     source = p.input or ctx.prepared / "alpaca" / "eval.json"
     records = read_predict_input(source, style)
     seq = cfg.model.seq_length
-    cue = _CUES[style]
+    # multiple choice by generation (the contest's style, or eval.mc.method=generate) or by letter logits
+    generate = style == "contest" or cfg.eval.mc.method == "generate"
+    is_mc = [is_multiple_choice(r["prompt"], style) for r in records]
     ids, truncated = [], 0
-    for r in records:
+    for r, mc_record in zip(records, is_mc):
         x = [tok.bos_id] + tok.encode(r["prompt"])
         # The same rule as evaluate: a prompt that does not fit keeps its end (the question, where the
-        # answer is read or generated); free text also leaves room for its answer.
-        room = seq if r["prompt"].rstrip().endswith(cue) else seq - p.max_new_tokens
+        # answer is read or generated); generated answers also get room in the window.
+        room = seq if mc_record and not generate else seq - (cfg.eval.mc.max_new_tokens if mc_record else
+                                                               p.max_new_tokens)
         if len(x) > room:
             x, truncated = x[-room:], truncated + 1
         ids.append(x)
     if truncated:
         log.warning("predict: %d of %d prompts cut to fit model.seq_length=%d (their start is dropped)", truncated,
                     len(records), seq)
-    mc = [i for i, r in enumerate(records) if r["prompt"].rstrip().endswith(cue)]
-    free = [i for i, r in enumerate(records) if not r["prompt"].rstrip().endswith(cue)]
+    mc = [i for i, m in enumerate(is_mc) if m]
+    free = [i for i, m in enumerate(is_mc) if not m]
 
     merged = run_dir / MERGED_FILE
     adapter = adapter_path(cfg, run_dir)
@@ -85,7 +97,12 @@ def predict(ctx) -> dict:
     t0 = time.perf_counter()
     results: list[dict] = [{"id": r["id"]} for r in records]
     mc_stats: dict = {}
-    if mc:
+    if mc and generate:
+        letters, texts = generated_choices(net, [ids[i] for i in mc], tok, cfg.eval.mc.max_new_tokens, seq,
+                                           p.batch_size)
+        for k, i in enumerate(mc):
+            results[i].update(prediction=letters[k], generation=texts[k])   # None: no letter stated
+    elif mc:
         logits = letter_logits(net, [ids[i] for i in mc], letter_token_ids(tok, style), p.batch_size, seq, tok.pad_id,
                                mc_stats)
         preds, probs = choose(logits)
@@ -110,8 +127,9 @@ def predict(ctx) -> dict:
     if mc_stats:
         out.update(predict_pad_fraction=1 - mc_stats["tokens"] / mc_stats["processed"], predict_shapes=mc_stats["shapes"])
     if p.format == "npy":
-        indices = np.array([LETTERS.index(r["prediction"]) if "probabilities" in r else -1 for r in results],
-                           dtype=np.int64)
+        chosen = set(mc)   # -1: free text, or a generated answer that states no letter
+        indices = np.array([LETTERS.index(r["prediction"]) if i in chosen and r.get("prediction") in LETTERS else -1
+                            for i, r in enumerate(results)], dtype=np.int64)
         np.save(output.with_name("results.npy"), indices)
         out["predict_results_npy"] = str(output.with_name("results.npy"))
     log.info("predict: %d records -> %s (%.1f examples/s)", len(records), output, out["predict_examples_per_s"])

@@ -39,7 +39,7 @@ class Stage(Choice):
 
 STAGES = tuple(s.value for s in Stage)
 DatasetName = Choice("DatasetName", {v: v for v in ("demo", "mmlu", "cmmlu")})
-PromptStyle = Choice("PromptStyle", {v: v for v in ("mmlu", "cmmlu")})
+PromptStyle = Choice("PromptStyle", {v: v for v in ("mmlu", "cmmlu", "contest")})
 TokenizerKind = Choice("TokenizerKind", {v: v for v in ("tiktoken", "sentencepiece")})
 OptimizerName = Choice("OptimizerName", {"adamw": "adamw"})
 DeviceTarget = Choice("DeviceTarget", {v: v for v in ("CPU", "Ascend")})
@@ -289,6 +289,17 @@ class PredictConfig:
     batch_size: int = 16
 
 
+class McMethod(Choice):
+    logits = "logits"              # the answer letter's logit at the last prompt position (standard)
+    generate = "generate"          # greedy answer, the letter read from it (the contest)
+
+
+@dataclass
+class McConfig:
+    method: McMethod = McMethod.logits
+    max_new_tokens: int = 8        # generate: "The right option is B." is 6 tokens in cl100k
+
+
 @dataclass
 class EvalConfig:
     protocol: str = "standard"     # the eval group's name: standard | contest (conf/eval/)
@@ -298,6 +309,7 @@ class EvalConfig:
     base: bool = True              # also evaluate the base model (mc_accuracy_base)
     adapter: Optional[str] = None  # adapter checkpoint; null = the run dir's adapter.ckpt
     squad: SquadConfig = field(default_factory=SquadConfig)
+    mc: McConfig = field(default_factory=McConfig)
     # Also evaluate every checkpoint the train stage saved (run_dir/checkpoints) and report the best
     # by mc_accuracy among those that kept SQuAD ability (where measured).
     checkpoints: bool = False

@@ -2,6 +2,8 @@
 last prompt position, and what follows from them (predicted letter, probabilities)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from . import metrics
@@ -86,6 +88,28 @@ def letter_logits(net, token_lists: list[list[int]], letter_ids: list[int], batc
     if stats is not None:
         stats.update(tokens=real, processed=processed, shapes=len(shapes))
     return out
+
+
+# eval.mc.method=generate: the letter in a generated answer. "The right option is B." (the contest's
+# form), else the first A-D standing alone ("B", " B.", "(B) tool"); none = unparsed, counted wrong.
+_STATED = re.compile(r"the right option is\s*:?\s*\(?([ABCD])(?![A-Za-z])", re.IGNORECASE)
+_ALONE = re.compile(r"(?<![A-Za-z])([ABCD])(?![A-Za-z])")
+
+
+def parse_choice(text: str) -> str | None:
+    """The answer letter a generation states, or None."""
+    m = _STATED.search(text) or _ALONE.search(text)
+    return m.group(1).upper() if m else None
+
+
+def generated_choices(net, token_lists: list[list[int]], tok, max_new_tokens: int, seq_length: int,
+                      batch_size: int) -> tuple[list[str | None], list[str]]:
+    """(letter or None per question, the generated text): greedy answers, letters parsed."""
+    from .generate import greedy_generate
+
+    outs = greedy_generate(net, token_lists, max_new_tokens, tok.eos_id, tok.pad_id, seq_length, batch_size)
+    texts = [tok.decode(o) for o in outs]
+    return [parse_choice(t) for t in texts], texts
 
 
 def choose(logits: np.ndarray) -> tuple[list[str], np.ndarray]:

@@ -347,3 +347,10 @@ def test_squad_prompt_styles_and_truncation_sides():
     full = [1] + [ord(c) for c in squad_prompt("x" * 40, "why?")]
     assert n == 1 and len(start) == len(end) == 20
     assert start == [1] + full[-19:] and end == full[:20]   # start: keeps the question; end: keeps the head
+
+
+def test_contest_style_needs_generated_answers():
+    with pytest.raises(ConfigError, match="dataset.style=contest .* use eval.mc.method=generate"):
+        resolve(_compose(["dataset.style=contest"]))
+    assert resolve(_compose(["dataset.style=contest", "eval=contest"])).eval.mc.method == "generate"
+    assert resolve(_compose(["dataset.style=contest", "stages=[prepare,train]"])).dataset.style == "contest"

@@ -183,6 +183,13 @@ def test_contest_protocol_on_the_demo(pipeline):
     assert isinstance(s["retained_absolute"], bool)
     assert s["retained_absolute"] == (s["squad_f1"] >= 53.88 and s["squad_em"] >= 31.59)
     assert 0 <= s["squad_em"] <= 100 and 0 <= s["squad_f1"] <= 100
+    # multiple choice by generation: the letter read from each greedy answer, unparsed counted
+    assert s["eval_mc_method"] == "generate" and 0 <= s["mc_unparsed"] <= 4 == s["eval_questions"]
+    rows = [json.loads(line) for line in (tmp / "contest" / "eval_predictions.jsonl").read_text().splitlines()]
+    assert all("generation" in r and r["prediction"] in ("A", "B", "C", "D", None) for r in rows)
+    assert s["mc_accuracy"] == sum(r["prediction"] == r["answer"] for r in rows) / 4
+    ratio = s["trainable_params"] / s["total_params"]
+    assert s["contest_score"] == pytest.approx((1 - 10 * ratio) * 0.3 + s["mc_accuracy"] * 0.7)
 
 
 def test_failure_is_one_line_and_marks_the_run_failed(pipeline):

@@ -111,3 +111,28 @@ def test_macro_accuracy_weighs_subjects_equally():
     subjects = ["a"] * 9 + ["b"]
     preds, answers = ["A"] * 10, ["A"] * 9 + ["B"]    # a: 9/9, b: 0/1 -> micro 0.9, macro 0.5
     assert macro_accuracy(per_subject_accuracy(subjects, preds, answers)) == 0.5
+
+
+def test_contest_style_prompt_and_answer():
+    q = Question(id="x", subject="high_school_physics", question="What falls?", choices=("a", "b", "c", "d"),
+                 answer="C", source="")
+    rec = to_alpaca(q, "contest")
+    assert rec["instruction"] == ("Here is a question about high school physics, the correct answer is one of the "
+                                  "options A/B/C/D. Please select the correct option and answer the question with "
+                                  "'The right option is'.")
+    assert rec["input"] == "Question: What falls? \nA.a\nB.b\nC.c\nD.d\n"
+    assert rec["output"] == "The right option is C."
+
+
+@pytest.mark.parametrize("text,letter", [
+    ("The right option is B.", "B"), (" the right option is (D) because", "D"), ("The right option is: A", "A"),
+    (" B", "B"), ("(C) tool", "C"), ("Answer: D.", "D"),
+    # the stated answer wins over an earlier standalone letter
+    ("A and B are wrong. The right option is C.", "C"),
+    # no letter standing alone: unparsed
+    ("The right option isn't clear", None), ("", None), ("Because ABBA sang it", None), ("\n\n", None),
+])
+def test_parse_choice_on_generations(text, letter):
+    from finetune.scoring import parse_choice
+
+    assert parse_choice(text) == letter

@@ -9,13 +9,19 @@ from pathlib import Path
 
 from .records import LETTERS, DataError, Question
 
-STYLES = ("mmlu", "cmmlu")
+STYLES = ("mmlu", "cmmlu", "contest")
 
-_QUESTION = {"mmlu": ("{q}", "Answer:"), "cmmlu": ("题目：{q}", "答案是：")}
+_QUESTION = {"mmlu": ("{q}", "Answer:"), "cmmlu": ("题目：{q}", "答案是："), "contest": ("Question: {q} ", "")}
+_OPTION = {"mmlu": "\n{l}. {t}", "cmmlu": "\n{l}. {t}", "contest": "\n{l}.{t}"}
 _HEADER = {
     "mmlu": "The following are multiple choice questions (with answers) about {s}.",
     "cmmlu": "以下是关于{s}的单项选择题，请直接给出正确答案的选项。",
+    # The 2024 contest's entries (MMLU and CMMLU alike): the answer is a sentence, scored by
+    # generating it and reading the letter (eval.mc.method=generate).
+    "contest": ("Here is a question about {s}, the correct answer is one of the options A/B/C/D. Please select "
+                "the correct option and answer the question with 'The right option is'."),
 }
+CONTEST_ANSWER = "The right option is {a}."
 
 
 # CMMLU's header names the subject in Chinese, as the official evaluation code does
@@ -55,7 +61,7 @@ def _check(style: str) -> None:
 def format_question(q: Question, style: str) -> str:
     _check(style)
     first, last = _QUESTION[style]
-    options = "".join(f"\n{letter}. {text}" for letter, text in zip(LETTERS, q.choices))
+    options = "".join(_OPTION[style].format(l=letter, t=text) for letter, text in zip(LETTERS, q.choices))
     return first.format(q=q.question) + options + "\n" + last
 
 
@@ -70,6 +76,8 @@ def target(q: Question, style: str) -> str:
     _check(style)
     # MMLU scores the token " B" after "Answer:"; the Chinese prompt ends in a full-width
     # colon, after which no space is conventional.
+    if style == "contest":
+        return CONTEST_ANSWER.format(a=q.answer)
     return (" " if style == "mmlu" else "") + q.answer
 
 
