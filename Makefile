@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench ui mlflow-server clean-outputs
+.PHONY: run test bench bench-train ui mlflow-server clean-outputs
 
 # Re-install when pyproject.toml changes. Needs the package index only (no other network).
 $(STAMP): pyproject.toml
@@ -20,9 +20,19 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
-# Benchmarks (slow, not in `make test`): decode tokens/s on the real stories260K Llama.
-bench: $(STAMP)
-	$(BIN)/python -m pytest -q -s -m slow tests/test_bench.py
+# Benchmarks (minutes, not in `make test`; see BENCHMARKS.md): the tool vs PyTorch + PEFT on MMLU rows,
+# MFU, multiple-choice evaluation, decode, data preparation -> bench/results/*.json + BENCHMARKS.md.
+# The `bench` extra (torch CPU + peft) is installed once, on top of the dev set-up.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench all $(BENCH_ARGS)
+
+bench-train: $(BENCH_STAMP)
+	$(BIN)/python -m bench train $(BENCH_ARGS)
 
 # MLflow UI on the default local store (outputs/mlflow.db): http://127.0.0.1:5000
 ui: $(STAMP)
