@@ -47,11 +47,17 @@ DATA = ["dataset=mmlu", f"dataset.path={SHARED / 'data' / 'mmlu'}", f"model.toke
 # tied embeddings) with the cl100k vocabulary instead of the demo's; 128m = Llama hidden 512,
 # 8 layers, 8 heads (8 kv), FFN 1376, untied 100,259-entry cl100k vocabulary (51.3M embedding +
 # 51.3M head + 25.3M in the layers = 128M parameters).
+MODEL_128M = ["model.name=llama128m", "model.hidden_size=512", "model.num_layers=8", "model.num_heads=8",
+              "model.n_kv_heads=8", "model.intermediate_size=1376", "model.tie_word_embeddings=false"]
 SIZES = {
     "tiny": {"model": ["model=tiny"], "batch_size": 16, "steps": 30},
-    "128m": {"model": ["model.name=llama128m", "model.hidden_size=512", "model.num_layers=8", "model.num_heads=8",
-                       "model.n_kv_heads=8", "model.intermediate_size=1376", "model.tie_word_embeddings=false"],
-             "batch_size": 8, "steps": 30},
+    "128m": {"model": MODEL_128M, "batch_size": 8, "steps": 30},
+    # The same 128m model on the first 30 batches in file order (train.shuffle=false): prepared rows are
+    # sorted by length within chunks of 1,024, so these are short rows in one or two length buckets,
+    # and the tool compiles one or two graphs. Both sides train on exactly these batches. (128m with
+    # shuffled batches meets a new length bucket every few steps, and every compiled shape keeps
+    # ~3-4 GB: the tool passes the memory cap within a few steps; see BENCHMARKS.md.)
+    "128m-sorted": {"model": MODEL_128M, "batch_size": 8, "steps": 30, "shuffle": False},
 }
 FULL = {
     "seq_length": 256,
@@ -149,13 +155,29 @@ def kill_children() -> None:
             pass
 
 
-def run_measured(cmd: list[str], log: Path, timeout: float = 3600) -> dict:
+# No benchmark process may grow past this (the machine: 24 GB for everyone, 2 cores); a `finetune`
+# training run that does is stopped and reported as such (tool_train), anything else is an error.
+MEMORY_CAP = {"gb": 11.5}   # --memory-cap
+
+
+def rss_gb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024 ** 2
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0.0
+
+
+def run_measured(cmd: list[str], log: Path, timeout: float = 3600, may_exceed_cap: bool = False) -> dict:
     """Run cmd to the end (its output into `log`); its wall seconds and peak RSS in GB: os.wait4 gives
     the rusage of that one child (ru_maxrss, KB on Linux), not the maximum over every child so far
     as getrusage(RUSAGE_CHILDREN) would. On timeout or failure its whole process group is killed.
     Also how busy the machine was with other work meanwhile: `others_cpu_share` = (all cores' busy
     CPU seconds - this child's own) / (wall seconds x cores); near 0 = the measurement had the
-    machine to itself. Full runs wait for an idle machine first (wait_quiet)."""
+    machine to itself. Full runs wait for an idle machine first (wait_quiet). A child whose RSS passes
+    MEMORY_CAP_GB is killed: may_exceed_cap -> {"killed_at_cap": True, ...}, otherwise an error."""
     busy_before = wait_quiet()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -173,6 +195,17 @@ def run_measured(cmd: list[str], log: Path, timeout: float = 3600) -> dict:
 
     timer = threading.Timer(timeout, kill)
     timer.start()
+    capped = threading.Event()
+
+    def watch():   # VmRSS twice a second; ru_maxrss alone would only tell afterwards
+        while proc.pid in _children:
+            if rss_gb(proc.pid) > MEMORY_CAP["gb"]:
+                capped.set()
+                kill()
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
     t0, busy0 = time.perf_counter(), cpu_busy_seconds()
     try:
         _, status, usage = os.wait4(proc.pid, 0)
@@ -185,11 +218,17 @@ def run_measured(cmd: list[str], log: Path, timeout: float = 3600) -> dict:
     seconds = time.perf_counter() - t0
     others = cpu_busy_seconds() - busy0 - usage.ru_utime - usage.ru_stime
     proc.returncode = os.waitstatus_to_exitcode(status)
+    result = {"seconds": seconds, "peak_rss_gb": usage.ru_maxrss / 1024 ** 2,
+              "others_cpu_share": max(0.0, others / seconds / os.cpu_count()), "busy_before": busy_before,
+              "killed_at_cap": capped.is_set()}
+    if capped.is_set() and may_exceed_cap:
+        return result
+    if capped.is_set():
+        raise RuntimeError(f"stopped at the {MEMORY_CAP['gb']} GB memory cap: {' '.join(map(str, cmd))} (log {log})")
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise RuntimeError(f"exit {proc.returncode}: {' '.join(map(str, cmd))}\n(log {log})\n{tail}")
-    return {"seconds": seconds, "peak_rss_gb": usage.ru_maxrss / 1024 ** 2,
-            "others_cpu_share": max(0.0, others / seconds / os.cpu_count()), "busy_before": busy_before}
+    return result
 
 
 def worker(name: str, args: dict, work: Path) -> tuple[dict, dict]:
@@ -201,10 +240,10 @@ def worker(name: str, args: dict, work: Path) -> tuple[dict, dict]:
     return json.loads(out_file.read_text()), measured
 
 
-def finetune(overrides: list[str], run_dir: Path, root: Path) -> tuple[dict, dict]:
-    """The tool's own command, `python -m finetune ...`: (its summary.json, {seconds, peak_rss_gb})."""
+def finetune(overrides: list[str], run_dir: Path, root: Path, may_exceed_cap: bool = False) -> tuple[dict, dict]:
+    """The tool's own command, `python -m finetune ...`: (its summary.json, {seconds, peak_rss_gb, ...})."""
     cmd = [sys.executable, "-m", "finetune", *overrides, f"output_root={root}", f"hydra.run.dir={run_dir}"]
-    measured = run_measured(cmd, run_dir.with_suffix(".log"))
+    measured = run_measured(cmd, run_dir.with_suffix(".log"), may_exceed_cap=may_exceed_cap)
     return json.loads((run_dir / "summary.json").read_text()), measured
 
 
@@ -219,8 +258,11 @@ def train(ctx: dict) -> dict:
     all-steps figures include them."""
     out = {}
     for size in ctx["sizes"]:
-        result = train_size(ctx, size)
-        out[size] = {**result, **ctx["meta"]}
+        try:
+            out[size] = {**train_size(ctx, size), **ctx["meta"]}
+        except Exception as e:   # one size failing must not lose the others' figures
+            print(f"bench train {size}: FAILED: {e}", file=sys.stderr, flush=True)
+            out[size] = {"error": str(e)[-2000:], **ctx["meta"]}
     return out
 
 
@@ -233,6 +275,7 @@ def train_rows(ctx: dict, sizes: list[str]) -> dict:
     s, work = ctx["settings"], ctx["work"] / "train"
     args = {"overrides": data_overrides(s) + [f"output_root={work / 'root'}"], "work": str(work),
             "sizes": {size: {"batch_size": s["sizes"][size]["batch_size"], "steps": s["sizes"][size]["steps"],
+                             "shuffle": s["sizes"][size].get("shuffle", True),
                              "out_rows": str(work / size / "rows.npz")} for size in sizes}}
     result, _ = worker("rows", args, work)
     return result
@@ -245,8 +288,11 @@ def train_size(ctx: dict, size: str) -> dict:
     prepared, tok = rows_info["prepared"], rows_info["tokenizer"]
     tool = tool_train(ctx, size)
     rows = np.load(work / size / "rows.npz")
-    timed = timed_steps(rows["compiled"])           # the steps both sides are timed on
     tokens = (rows["ids"][:, :, :-1] != int(rows["pad_id"])).sum(axis=(1, 2))   # useful tokens per step
+    done = len(tool["step_seconds"])                 # < steps when the tool was stopped at the memory cap
+    # the steps both sides are timed on: the tool's steps that compiled no graph (of those it ran)
+    timed = timed_steps(rows["compiled"])
+    timed[done:] = False
 
     # PEFT: the model the tool trained, from the tool's resolved config (+ the tokenizer's ids)
     resolved = _yaml(tool["run_dir"] / "config_resolved.yaml")
@@ -264,18 +310,22 @@ def train_size(ctx: dict, size: str) -> dict:
                                 work / size / f"peft_{'_'.join(pads)}.log")
         for pad, result in json.loads(out_file.read_text()).items():
             peft[pad] = {**result, **measured}
-
-    def rates(seconds: np.ndarray) -> tuple[float, float]:
-        """(tokens/s over the timed steps, tokens/s over every step)"""
-        return float(tokens[timed].sum() / seconds[timed].sum()), float(tokens.sum() / seconds.sum())
-
-    tool_rate, tool_all = rates(tool["step_seconds"])
     longest, full = peft["longest"], peft["full"]
-    peft_rate, peft_all = rates(np.array([p["seconds"] for p in longest["per_step"]]))
-    full_rate, full_all = rates(np.array([p["seconds"] for p in full["per_step"]]))
-    ratio = tool_rate / peft_rate
+
+    def rate(seconds: np.ndarray, steps: np.ndarray) -> float | None:
+        """useful tokens / seconds over the chosen steps"""
+        return float(tokens[:len(seconds)][steps[:len(seconds)]].sum() / seconds[steps[:len(seconds)]].sum()) \
+            if steps[:len(seconds)].any() else None
+
+    every = np.ones(len(tokens), bool)
+    tool_s = tool["step_seconds"]
+    peft_s = np.array([p["seconds"] for p in longest["per_step"]])
+    full_s = np.array([p["seconds"] for p in full["per_step"]])
+    tool_rate, peft_rate, full_rate = rate(tool_s, timed), rate(peft_s, timed), rate(full_s, timed)
+    ratio = tool_rate / peft_rate if tool_rate and peft_rate else None
     memory_ratio = tool["peak_rss_gb"] / longest["peak_rss_gb"]
-    target = TARGET_RATIO.get(size)
+    target = TARGET_RATIO.get(size.split("-")[0])
+    summary = tool["summary"]
     return {
         "tool_tokens_per_s": tool_rate,
         "peft_tokens_per_s": peft_rate,
@@ -283,32 +333,41 @@ def train_size(ctx: dict, size: str) -> dict:
         "tool_peak_rss_gb": tool["peak_rss_gb"],
         "peft_peak_rss_gb": longest["peak_rss_gb"],
         "memory_ratio_vs_peft": memory_ratio,
+        # the tool stopped at the memory cap: its figures cover steps 1..tool_steps_done only
+        "tool_stopped_at_memory_cap_gb": MEMORY_CAP["gb"] if tool["killed_at_cap"] else None,
+        "tool_steps_done": done,
         "peft_full_pad_tokens_per_s": full_rate,
         "peft_full_pad_peak_rss_gb": full["peak_rss_gb"],
-        "ratio_vs_peft_full_pad": tool_rate / full_rate,
+        "ratio_vs_peft_full_pad": tool_rate / full_rate if tool_rate and full_rate else None,
         # every step, compile steps included: what a run of this many steps feels like
-        "tool_tokens_per_s_all_steps": tool_all,
-        "peft_tokens_per_s_all_steps": peft_all,
-        "peft_full_pad_tokens_per_s_all_steps": full_all,
-        "tool_reported_tokens_per_s": tool["summary"]["train_tokens_per_s"],   # summary.json's figure
-        "tool_train_stage_seconds": tool["summary"].get("train_seconds"),
+        "tool_tokens_per_s_all_steps": rate(tool_s, every),
+        "peft_tokens_per_s_all_steps": rate(peft_s, every),
+        "peft_full_pad_tokens_per_s_all_steps": rate(full_s, every),
+        # PEFT over all of its steps but the first (its warm-up), whatever the tool did
+        "peft_tokens_per_s_after_first_step": rate(peft_s, np.arange(len(tokens)) > 0),
+        "tool_reported_tokens_per_s": summary.get("train_tokens_per_s"),   # summary.json's own figure
+        "tool_train_stage_seconds": summary.get("train_seconds"),
         "tool_process_seconds": tool["seconds"],
-        "tool_compile_steps": int(rows["compiled"].sum()),
-        "tool_compile_step_seconds": float(tool["step_seconds"][~timed].sum()),
+        "tool_compile_steps": int(rows["compiled"][:done].sum()),
+        "tool_compile_step_seconds": float(tool_s[rows["compiled"][:done]].sum()),
         "steps": int(len(tokens)), "timed_steps": int(timed.sum()),
-        "batch_size": spec["batch_size"], "seq_length": s["seq_length"],
+        "batch_size": spec["batch_size"], "seq_length": s["seq_length"], "shuffle": spec.get("shuffle", True),
         "useful_tokens": int(tokens.sum()),
-        "tool_pad_fraction": tool["summary"]["train_pad_fraction"],
-        "tool_shapes": tool["summary"]["train_shapes"],
+        "tool_pad_fraction": summary.get("train_pad_fraction"),
+        "tool_shapes": summary.get("train_shapes"),
+        "step_buckets": rows["bucket"].tolist(),
         "peft_pad_fraction": 1 - tokens.sum() / sum(p["processed"] for p in longest["per_step"]),
         "peft_full_pad_fraction": 1 - tokens.sum() / sum(p["processed"] for p in full["per_step"]),
-        "tool_loss_first_last": [tool["summary"]["train_loss_first"], tool["summary"]["train_loss_last"]],
-        "peft_loss_first_last": [longest["per_step"][0]["loss"], longest["per_step"][-1]["loss"]],
-        "total_params": tool["summary"].get("total_params"),
-        "trainable_params": {"tool": tool["summary"].get("trainable_params"), "peft": longest["trainable_params"]},
+        "tool_losses": tool["losses"],
+        "peft_losses": [p["loss"] for p in longest["per_step"]],
+        "total_params": summary.get("total_params"),
+        "trainable_params": {"tool": summary.get("trainable_params"), "peft": longest["trainable_params"]},
         "torch_threads": longest["torch_threads"],
-        "target_ratio": target, "ratio_met": None if target is None else ratio >= target,
-        "target_memory_ratio": TARGET_MEMORY_RATIO, "memory_met": memory_ratio <= TARGET_MEMORY_RATIO,
+        "target_ratio": target, "ratio_met": None if target is None or ratio is None else ratio >= target,
+        # stopped at the cap: its real peak is higher still, so the ratio is a lower bound
+        "target_memory_ratio": TARGET_MEMORY_RATIO,
+        "memory_met": (memory_ratio <= TARGET_MEMORY_RATIO) if not tool["killed_at_cap"]
+        else (False if memory_ratio > TARGET_MEMORY_RATIO else None),
         "prepared_data": prepared, "rows_total": rows_info["sizes"][size]["rows_total"],
         "tool_command": tool["command"],
         "model": {k: model[k] for k in ("hidden_size", "num_layers", "num_heads", "n_kv_heads", "intermediate_size",
@@ -328,20 +387,24 @@ def timed_steps(compiled: np.ndarray) -> np.ndarray:
 
 def tool_train(ctx: dict, size: str) -> dict:
     """`python -m finetune stages=[train]` for one size (data already prepared in the same output_root):
-    its summary, peak RSS and each step's seconds (train_log.csv tokens_per_s = step tokens / step seconds)."""
+    its summary, peak RSS and each step's seconds (train_log.csv, written after every step:
+    tokens_per_s = step tokens / step seconds). Stopped at MEMORY_CAP_GB, it reports the steps done."""
     s, work = ctx["settings"], ctx["work"] / "train"
     spec = s["sizes"][size]
     run_dir = work / size / "tool"
     overrides = data_overrides(s) + spec["model"] + [
         "stages=[train]", f"train.batch_size={spec['batch_size']}", f"train.max_steps={spec['steps']}",
-        "train.save.num_checkpoints=0", f"tracking.experiment=bench-{size}"]
-    summary, measured = finetune(overrides, run_dir, work / "root")
+        f"train.shuffle={str(spec.get('shuffle', True)).lower()}", "train.save.num_checkpoints=0",
+        f"tracking.experiment=bench-{size}"]
+    summary, measured = finetune(overrides, run_dir, work / "root", may_exceed_cap=True)
     rows = np.load(work / size / "rows.npz")
     tokens = (rows["ids"][:, :, :-1] != int(rows["pad_id"])).sum(axis=(1, 2))
-    with open(run_dir / "train_log.csv") as f:
-        per_step_rate = np.array([float(r["tokens_per_s"]) for r in csv.DictReader(f)])
-    return {"summary": summary, "run_dir": run_dir, "step_seconds": tokens / per_step_rate,
-            "command": "python -m finetune " + " ".join(overrides), **measured}
+    log_file = run_dir / "train_log.csv"
+    logged = list(csv.DictReader(open(log_file))) if log_file.is_file() else []
+    per_step_rate = np.array([float(r["tokens_per_s"]) for r in logged])
+    return {"summary": summary, "run_dir": run_dir, "step_seconds": tokens[:len(logged)] / per_step_rate,
+            "losses": [float(r["loss"]) for r in logged], "command": "python -m finetune " + " ".join(overrides),
+            **measured}
 
 
 def _yaml(path: Path) -> dict:
@@ -402,6 +465,8 @@ def mfu(ctx: dict) -> dict:
         tool_train(ctx, size)
         sizes = [size]
     for size in sizes:
+        if not (work / size / "tool" / "config_resolved.yaml").is_file():
+            continue
         rows = np.load(work / size / "rows.npz")
         pad_id, k = int(rows["pad_id"]), int(rows["answers_per_row"])
         resolved = _yaml(work / size / "tool" / "config_resolved.yaml")
@@ -410,14 +475,19 @@ def mfu(ctx: dict) -> dict:
         with open(work / size / "tool" / "train_log.csv") as f:
             rate = np.array([float(r["tokens_per_s"]) for r in csv.DictReader(f)])
         timed = timed_steps(rows["compiled"])                  # as the train bench times
+        timed[len(rate):] = False                              # a run stopped at the memory cap
         model_flops, hw_flops, seconds = 0.0, 0.0, 0.0
         for step in np.nonzero(timed)[0]:
             lengths = (rows["ids"][step][:, :-1] != pad_id).sum(axis=1)   # the tool's useful tokens per row
             seconds += lengths.sum() / rate[step]
             model_flops += step_flops(model, resolved["lora"]["rank"], lengths, k, None)
             hw_flops += step_flops(model, resolved["lora"]["rank"], lengths, k, int(rows["bucket"][step]))
+        if seconds == 0:
+            continue
         entry = {"tool_model_gflops_per_s": model_flops / seconds / 1e9, "tool_mfu": model_flops / seconds / 1e9 / peak,
-                 "tool_hfu": hw_flops / seconds / 1e9 / peak, "timed_seconds": seconds}
+                 "tool_hfu": hw_flops / seconds / 1e9 / peak, "timed_seconds": seconds, "timed_steps": int(timed.sum()),
+                 "model_gflop_per_useful_token": model_flops / sum(
+                     int((rows["ids"][i][:, :-1] != pad_id).sum()) for i in np.nonzero(timed)[0]) / 1e9}
         peft_file = next(iter(sorted((work / size).glob("peft_longest*.json"))), None)
         if peft_file is not None and ctx.get("ran_train"):
             # PEFT's useful work is the same model FLOPs (same rows); its own computation is larger
@@ -426,7 +496,9 @@ def mfu(ctx: dict) -> dict:
             peft_seconds = sum(p["seconds"] for i, p in enumerate(steps) if timed[i])
             entry["peft_mfu"] = model_flops / peft_seconds / 1e9 / peak
         out["sizes"][size] = entry
-    out["mfu"] = out["sizes"][sizes[-1]]["tool_mfu"]
+    # the headline: the last (largest) size with >= 10 timed steps (a run stopped at the memory cap has few)
+    complete = [z for z, e in out["sizes"].items() if e["timed_steps"] >= 10] or list(out["sizes"])
+    out["mfu_size"], out["mfu"] = complete[-1], out["sizes"][complete[-1]]["tool_mfu"]
     return {**out, **ctx["meta"]}
 
 
@@ -528,9 +600,14 @@ def _f(x, digits=1) -> str:
     return str(x)
 
 
+def _x(ratio) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
 def tables(results: dict) -> str:
     """Markdown tables of whatever results are present."""
-    lines = []
+    lines = [f"{name}: FAILED: {r['error'].splitlines()[0][:300]}\n" for name, r in results.items() if "error" in r]
+    results = {name: r for name, r in results.items() if "error" not in r}
     if "train" in results:
         lines += ["### Training (LoRA r8 on q/k/v/o, MMLU rows, useful = non-pad tokens/s; compile steps excluded)", "",
                   "| size | batch x seq | steps (timed) | tool tok/s | PEFT tok/s (longest) | PEFT tok/s (full pad) "
@@ -538,13 +615,19 @@ def tables(results: dict) -> str:
                   "| memory ratio | target <= 1.2 |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for size, r in results["train"].items():
+            if "error" in r:
+                lines.append(f"| {size} | failed: {r['error'].splitlines()[0][:200]} |")
+                continue
+            stopped = f", tool stopped at {r['tool_stopped_at_memory_cap_gb']} GB after {r['tool_steps_done']}" \
+                if r.get("tool_stopped_at_memory_cap_gb") else ""
             lines.append(
-                f"| {size} | {r['batch_size']} x {r['seq_length']} | {r['steps']} ({r['timed_steps']}) "
+                f"| {size} | {r['batch_size']} x {r['seq_length']} | {r['steps']} ({r['timed_steps']} timed{stopped}) "
                 f"| {_f(r['tool_tokens_per_s'], 0)} | {_f(r['peft_tokens_per_s'], 0)} "
-                f"| {_f(r['peft_full_pad_tokens_per_s'], 0)} | {_f(r['ratio_vs_peft'], 2)}x "
+                f"| {_f(r['peft_full_pad_tokens_per_s'], 0)} | {_x(r['ratio_vs_peft'])} "
                 f"| >= {r['target_ratio']}x {_f(r['ratio_met'])} | {_f(r['tool_tokens_per_s_all_steps'], 0)} "
                 f"| {_f(r['peft_tokens_per_s_all_steps'], 0)} | {_f(r['tool_peak_rss_gb'], 2)} "
-                f"| {_f(r['peft_peak_rss_gb'], 2)} | {_f(r['memory_ratio_vs_peft'], 2)}x | {_f(r['memory_met'])} |")
+                f"| {_f(r['peft_peak_rss_gb'], 2)} | {'>= ' if stopped else ''}{_x(r['memory_ratio_vs_peft'])} "
+                f"| {_f(r['memory_met'])} |")
         lines.append("")
     if "mfu" in results:
         m = results["mfu"]
@@ -648,6 +731,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=WORK, help="scratch folder (default bench/work)")
     parser.add_argument("--sizes", default=None, help="train/mfu: comma-separated sizes (default: all)")
     parser.add_argument("--profile", action="store_true", help="prepare: cProfile of prepare() into its JSON")
+    parser.add_argument("--memory-cap", type=float, default=MEMORY_CAP["gb"],
+                        help=f"GB: a process passing it is stopped (default {MEMORY_CAP['gb']})")
     args = parser.parse_args(argv)
     if not SHARED.is_dir():
         print(f"bench: {SHARED} not found (real data and models live there)", file=sys.stderr)
@@ -656,6 +741,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     settings = SMOKE if args.smoke else FULL
     QUIET["enabled"] = not args.smoke
+    MEMORY_CAP["gb"] = args.memory_cap
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     names = list(BENCHES) if args.which == "all" else [args.which]
     ctx = {"settings": settings, "work": args.work.resolve(), "smoke": args.smoke, "profile": args.profile,
@@ -672,7 +758,13 @@ def main(argv=None) -> int:
                                 "load_average_at_start": os.getloadavg()}
             print(f"bench {name} ...", flush=True)
             t0 = time.perf_counter()
-            results[name] = BENCHES[name](lane_ctx)
+            try:
+                results[name] = BENCHES[name](lane_ctx)
+            except Exception as e:   # report it, go on with the next benchmark
+                import traceback
+
+                traceback.print_exc()
+                results[name] = {"error": str(e)[-2000:], **lane_ctx["meta"]}
             lane_ctx["ran_train"] = lane_ctx.get("ran_train") or name == "train"
             (args.out / f"{name}.json").write_text(json.dumps(results[name], indent=1, default=str))
             print(f"bench {name}: {time.perf_counter() - t0:.0f} s -> {args.out / (name + '.json')}", flush=True)
