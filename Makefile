@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench ui mlflow-server clean-outputs
+.PHONY: run test bench bench-train bench-venv ui mlflow-server clean-outputs
 
 # Re-install when pyproject.toml changes. Needs the package index only (no other network).
 $(STAMP): pyproject.toml
@@ -18,12 +18,26 @@ run: $(STAMP)
 # Two pytest-xdist workers; each test module stays on one worker (its fixtures are built once);
 # what several modules share is built once per session (tests/conftest.py built_once).
 # PYTEST_ARGS="-n 0" runs in one process.
-test: $(STAMP)
+test: $(STAMP) $(BENCH_STAMP)   # the bench venv: tests/test_bench_smoke.py runs the PyTorch side
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
-# Benchmarks (slow, not in `make test`): decode tokens/s on the real stories260K Llama.
-bench: $(STAMP)
-	$(BIN)/python -m pytest -q -s -m slow tests/test_bench.py
+# Benchmarks (minutes, not in `make test`; see BENCHMARKS.md): the tool vs PyTorch + PEFT on MMLU rows,
+# MFU, multiple-choice evaluation, decode, data preparation -> bench/results/*.json + BENCHMARKS.md.
+# The PyTorch side runs in its own venv (.venv-bench, bench/requirements-peft.txt), never in .venv.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+$(BENCH_STAMP): bench/requirements-peft.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet -r bench/requirements-peft.txt
+	touch $(BENCH_STAMP)
+
+bench-venv: $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python -m bench all $(BENCH_ARGS)
+
+bench-train: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python -m bench train $(BENCH_ARGS)
 
 # MLflow UI on the default local store (outputs/mlflow.db): http://127.0.0.1:5000
 ui: $(STAMP)
