@@ -540,6 +540,8 @@ def decode(ctx: dict) -> dict:
     args = {**s["decode"], "model": str(STORIES), "work": str(ctx["work"] / "decode")}
     result, measured = worker("decode", args, ctx["work"] / "decode")
     speedup = result.get("speedup")
+    # greedy steps timed: one forward per new token per batch of prompts (eos_id -1: no row stops early)
+    result["forward_steps"] = -(-result["prompts"] // result["batch_size"]) * result["max_new_tokens"]
     return {**result, "target_speedup": TARGET_DECODE_SPEEDUP,
             "met": None if speedup is None else speedup >= TARGET_DECODE_SPEEDUP,
             "peak_rss_gb": measured["peak_rss_gb"], "others_cpu_share": measured["others_cpu_share"], **ctx["meta"]}
@@ -621,8 +623,8 @@ def tables(results: dict) -> str:
         lines += ["### Training (LoRA r8 on q/k/v/o, MMLU rows, useful = non-pad tokens/s; compile steps excluded)", "",
                   "| size | batch x seq | steps (timed) | tool tok/s | PEFT tok/s (longest) | PEFT tok/s (full pad) "
                   "| ratio vs PEFT | target | tool all-steps tok/s | PEFT all-steps tok/s | tool RSS GB | PEFT RSS GB "
-                  "| memory ratio | target <= 1.2 |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| memory ratio | target <= 1.2 | others' CPU share (tool / PEFT) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for size, r in results["train"].items():
             if "error" in r:
                 lines.append(f"| {size} | failed: {r['error'].splitlines()[0][:200]} |")
@@ -636,7 +638,7 @@ def tables(results: dict) -> str:
                 f"| >= {r['target_ratio']}x {_f(r['ratio_met'])} | {_f(r['tool_tokens_per_s_all_steps'], 0)} "
                 f"| {_f(r['peft_tokens_per_s_all_steps'], 0)} | {_f(r['tool_peak_rss_gb'], 2)} "
                 f"| {_f(r['peft_peak_rss_gb'], 2)} | {'>= ' if stopped else ''}{_x(r['memory_ratio_vs_peft'])} "
-                f"| {_f(r['memory_met'])} |")
+                f"| {_f(r['memory_met'])} | {r['others_cpu_share']['tool']:.2f} / {r['others_cpu_share']['peft']:.2f} |")
         lines.append("")
     if "mfu" in results:
         m = results["mfu"]
@@ -663,14 +665,17 @@ def tables(results: dict) -> str:
                          f"| {r['truncated_prompts']} |")
         lines += ["", f"Time at the longest / shortest seq_length: {e['time_ratio_long_vs_short']:.2f}x "
                   f"(target <= {e['target_time_ratio']}x: {_f(e['met'])}); first pass "
-                  f"{e['first_pass_time_ratio']:.2f}x.", ""]
+                  f"{e['first_pass_time_ratio']:.2f}x. Logits equal across lengths to "
+                  f"{e['max_abs_logit_diff_across_lengths']:.1e}. Peak RSS {e['peak_rss_gb']:.2f} GB; others' CPU "
+                  f"share {e['others_cpu_share']:.2f}.", ""]
     if "decode" in results:
         d = results["decode"]
         lines += [f"### Greedy decode (stories260K, seq_length {d['seq_length']}, {d['prompts']} prompts of "
                   f"{min(d['prompt_tokens'])}-{max(d['prompt_tokens'])} tokens, batch {d['batch_size']}, "
                   f"{d['max_new_tokens']} new tokens each)", "",
                   "| path | tokens/s | seconds |", "| --- | --- | --- |",
-                  f"| no cache | {_f(d['no_cache_tokens_per_s'])} | {_f(d['no_cache_seconds'], 2)} |"]
+                  f"| no cache | {_f(d['no_cache_tokens_per_s'])} | {_f(d['no_cache_seconds'], 2)} "
+                  f"({1000 * d['no_cache_seconds'] / d['forward_steps']:.0f} ms per batch step) |"]
         if d.get("cache") == "available":
             lines += [f"| KV cache | {_f(d['cache_tokens_per_s'])} | {_f(d['cache_seconds'], 2)} |", "",
                       f"Speed-up {d['speedup']:.2f}x (target >= {d['target_speedup']}x: {_f(d['met'])}); "
