@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The PyTorch side of the benchmarks, in a venv of its own (never in .venv; see pyproject.toml)
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
 
 .PHONY: run test bench bench-train bench-venv ui mlflow-server clean-outputs
 
@@ -18,14 +21,13 @@ run: $(STAMP)
 # Two pytest-xdist workers; each test module stays on one worker (its fixtures are built once);
 # what several modules share is built once per session (tests/conftest.py built_once).
 # PYTEST_ARGS="-n 0" runs in one process.
-test: $(STAMP) $(BENCH_STAMP)   # the bench venv: tests/test_bench_smoke.py runs the PyTorch side
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+# .venv-bench too: tests/test_bench_smoke.py runs the benchmarks' PyTorch side.
+test: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 # Benchmarks (minutes, not in `make test`; see BENCHMARKS.md): the tool vs PyTorch + PEFT on MMLU rows,
 # MFU, multiple-choice evaluation, decode, data preparation -> bench/results/*.json + BENCHMARKS.md.
 # The PyTorch side runs in its own venv (.venv-bench, bench/requirements-peft.txt), never in .venv.
-BENCH_VENV := .venv-bench
-BENCH_STAMP := $(BENCH_VENV)/.installed
 $(BENCH_STAMP): bench/requirements-peft.txt
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install --quiet -r bench/requirements-peft.txt

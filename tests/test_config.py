@@ -182,7 +182,7 @@ def test_required_value_missing_fails_naming_it(group, option, key):
 
 @pytest.mark.parametrize(("override", "key", "choices"), [
     ("stages=[trian]", "stages[0]", "plan, prepare, train, evaluate, merge, predict, export"),
-    ("dataset.style=xx", "dataset.style", "mmlu, cmmlu"),
+    ("dataset.style=xx", "dataset.style", "mmlu, cmmlu, contest"),
     ("hardware.loss_scale.kind=dynamik", "hardware.loss_scale.kind", "none, dynamic"),
     ("hardware.compute_dtype=fp16", "hardware.compute_dtype", "float32, float16, bfloat16"),
     ("hardware.mode=graf", "hardware.mode", "graph, pynative"),
