@@ -214,3 +214,15 @@ def reference_run(shared_tmp, quick_cache, new_store) -> Path:
         proc = run_finetune(root, "reference", REFERENCE)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return built_once(shared_tmp / "reference-root", run) / "reference"
+
+
+# pytest-xdist (`make test`: two workers, --dist loadfile) hands out whole modules in collection
+# order, a new one to whichever worker is free. Longest first (measured: minutes each), so that no
+# worker is left alone with a long module at the end.
+LONGEST_FIRST = ("test_pipeline", "test_parallel", "test_sweep", "test_resume", "test_train_eval", "test_hf_import",
+                 "test_server", "test_health", "test_bench_smoke", "test_merge_export")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
