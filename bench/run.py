@@ -629,13 +629,16 @@ def tables(results: dict) -> str:
             if "error" in r:
                 lines.append(f"| {size} | failed: {r['error'].splitlines()[0][:200]} |")
                 continue
+            # a ratio from a handful of timed steps (a run stopped at the memory cap) is not a verdict
+            few = f" (on {r['timed_steps']} timed step{'s' if r['timed_steps'] != 1 else ''} only)" \
+                if r["timed_steps"] < 5 else ""
             stopped = f", tool stopped at {r['tool_stopped_at_memory_cap_gb']} GB after {r['tool_steps_done']}" \
                 if r.get("tool_stopped_at_memory_cap_gb") else ""
             lines.append(
                 f"| {size} | {r['batch_size']} x {r['seq_length']} | {r['steps']} ({r['timed_steps']} timed{stopped}) "
                 f"| {_f(r['tool_tokens_per_s'], 0)} | {_f(r['peft_tokens_per_s'], 0)} "
                 f"| {_f(r['peft_full_pad_tokens_per_s'], 0)} | {_x(r['ratio_vs_peft'])} "
-                f"| >= {r['target_ratio']}x {_f(r['ratio_met'])} | {_f(r['tool_tokens_per_s_all_steps'], 0)} "
+                f"| >= {r['target_ratio']}x {_f(r['ratio_met'])}{few} | {_f(r['tool_tokens_per_s_all_steps'], 0)} "
                 f"| {_f(r['peft_tokens_per_s_all_steps'], 0)} | {_f(r['tool_peak_rss_gb'], 2)} "
                 f"| {_f(r['peft_peak_rss_gb'], 2)} | {'>= ' if stopped else ''}{_x(r['memory_ratio_vs_peft'])} "
                 f"| {_f(r['memory_met'])} | {r['others_cpu_share']['tool']:.2f} / {r['others_cpu_share']['peft']:.2f} |")
