@@ -31,7 +31,7 @@ from .evaluate import evaluate
 from .export import export
 from .launch import init_worker, is_worker, launch, rank, world_size
 from .logs import quiet_libraries
-from .memory import peak_rss_gb, reset_peak
+from .memory import peak_rss_gb
 from .merge import merge
 from .model import setup_context
 from .plan import plan
@@ -137,7 +137,6 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         tracker.log_params(flatten(OmegaConf.to_container(cfg)))
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg))
         t0 = time.time()
-        reset_peak()
         tok, prepared, base, how = artifacts(cfg, tracker, run_dir, verbose)
         summary["setup_peak_rss_gb"] = peak_rss_gb()   # tokenizer, prepared data, base weights
         if base is not None:
@@ -147,7 +146,6 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         for name, stage in STAGES.items():
             if name in cfg.stages:
                 t = time.time()
-                reset_peak()
                 summary.update(stage(ctx))
                 summary[f"{name}_seconds"] = round(time.time() - t, 1)
                 summary[f"{name}_peak_rss_gb"] = peak_rss_gb()
