@@ -106,17 +106,22 @@ def last_logits_cell(net):
     -> [B, V], flat = row * L + position. Bit-identical to net(tokens)[0] at those positions.
     One cell per model, kept: its compiled graphs are reused when the same model is scored again
     with other weights (every checkpoint of a run) or other batches."""
-    # Kept on the model object itself, so it goes when the model goes (a module-level cache would keep
-    # every model alive). Checked against the parameter count: wrapping a model with LoRA changes it
-    # in place (new cells, more parameters), and a graph compiled before must not be reused for it.
-    # object.__setattr__: a Cell assigned the usual way would be registered as the model's sub-cell.
+    return _kept_on_model(net, "_finetune_last_logits", _last_logits_cell)
+
+
+def _kept_on_model(net, attribute: str, build):
+    """build(net), made once per model and kept on the model object itself, so it goes when the
+    model goes (a module-level cache would keep every model alive). Checked against the parameter
+    count: wrapping a model with LoRA changes it in place (new cells, more parameters), and a graph
+    compiled before must not be reused for it. object.__setattr__: a Cell assigned the usual way
+    would be registered as the model's sub-cell."""
     params = sum(1 for _ in causal_lm(net).get_parameters())
-    cached = net.__dict__.get("_finetune_last_logits")
+    cached = net.__dict__.get(attribute)
     if cached is not None and cached[0] == params:
         return cached[1]
-    cell = _last_logits_cell(net)
-    object.__setattr__(net, "_finetune_last_logits", (params, cell))
-    return cell
+    made = build(net)
+    object.__setattr__(net, attribute, (params, made))
+    return made
 
 
 def _last_logits_cell(net):
@@ -152,13 +157,7 @@ def kv_cells(net):
       cache at pos (onehot), and it attends to the cache positions marked visible (earlier
       positions that are not padding: the same mask the model builds from the tokens).
     One pair per model, kept on the model object like last_logits_cell."""
-    params = sum(1 for _ in causal_lm(net).get_parameters())
-    cached = net.__dict__.get("_finetune_kv_cells")
-    if cached is not None and cached[0] == params:
-        return cached[1]
-    cells = _kv_cells(net)
-    object.__setattr__(net, "_finetune_kv_cells", (params, cells))
-    return cells
+    return _kept_on_model(net, "_finetune_kv_cells", _kv_cells)
 
 
 def _kv_cells(net):
