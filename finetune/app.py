@@ -89,7 +89,7 @@ def start_up_checks(cfg, run_dir: Path, given: frozenset[str]) -> None:
     resume from with the same LoRA settings."""
     check_input_files(cfg)
     if "predict" in cfg.stages and cfg.predict.input:
-        read_predict_input(cfg.predict.input, cfg.dataset.style)   # one line naming the record, not after training
+        read_predict_input(cfg.predict.input, cfg.dataset.name, cfg.dataset.style)   # one line naming the record, not after training
     check_run_adapter(cfg, run_dir, given)
     if "train" in cfg.stages and cfg.train.resume:
         resume_point(cfg, run_dir)

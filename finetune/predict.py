@@ -42,14 +42,16 @@ def is_multiple_choice(prompt: str, style: str) -> bool:
     return prompt.rstrip().endswith(_CUES[style])
 
 
-def read_predict_input(path: str | Path, style: str) -> list[dict]:
-    """[{id, prompt}] from an Alpaca JSON list or an MMLU/CMMLU CSV; one-line errors name the record."""
+def read_predict_input(path: str | Path, dataset: str, style: str) -> list[dict]:
+    """[{id, prompt}] from an Alpaca JSON list or an MMLU/CMMLU CSV; one-line errors name the record.
+    The CSV layout follows the dataset (CMMLU has a header and an index column), the prompt its style
+    (`contest` is one style for both datasets)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"predict.input: {path} not found")
     if path.suffix.lower() == ".csv":
         subject = path.stem.removesuffix("_test").removesuffix("_val").removesuffix("_dev")
-        read = read_cmmlu_file if style == "cmmlu" else read_mmlu_file
+        read = read_cmmlu_file if dataset == "cmmlu" else read_mmlu_file
         return [{"id": str(row), "prompt": prompts.build_prompt(q, style)}
                 for row, q in enumerate(read(path, "input", subject, answer_required=False))]
     return [{"id": str(rec.get("id", i)), "prompt": prompts.alpaca_prompt(rec)}
@@ -62,7 +64,7 @@ def predict(ctx) -> dict:
     style = cfg.dataset.style
     # No input given: the prepared eval split (Alpaca JSON), i.e. predict on the dataset's test set.
     source = p.input or ctx.prepared / "alpaca" / "eval.json"
-    records = read_predict_input(source, style)
+    records = read_predict_input(source, cfg.dataset.name, style)
     seq = cfg.model.seq_length
     # multiple choice by generation (the contest's style, or eval.mc.method=generate) or by letter logits
     generate = style == "contest" or cfg.eval.mc.method == "generate"

@@ -267,3 +267,16 @@ def test_question_and_option_texts_are_stripped(mmlu, cmmlu, shared):
     for data in (mmlu, cmmlu):
         for q in data["test"] + data["dev"]:
             assert q.question == q.question.strip() and all(c == c.strip() for c in q.choices), q.source
+
+
+def test_predict_csv_layout_follows_the_dataset_not_the_prompt_style():
+    # dataset.style=contest is one prompt style for MMLU and CMMLU alike; a CMMLU CSV (header, index
+    # column) must still be read as CMMLU, or the index becomes the question and the answer an option.
+    from finetune.predict import read_predict_input
+    f = _data("cmmlu") / "test" / "agronomy.csv"
+    first = read_cmmlu(_data("cmmlu"))["test"]
+    first = next(q for q in first if q.subject == "agronomy")
+    recs = read_predict_input(f, "cmmlu", "contest")
+    assert recs[0]["prompt"].startswith("Here is a question about")
+    assert f"Question: {first.question} \nA.{first.choices[0]}\n" in recs[0]["prompt"]
+    assert len(recs) == sum(1 for _ in f.open(encoding="utf-8")) - 1
