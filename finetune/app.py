@@ -37,6 +37,7 @@ from .model import setup_context
 from .plan import plan
 from .predict import predict, read_predict_input
 from .prepare import prepare, prepare_stage
+from .redact import redact, redact_files, redact_logging, use_credentials
 from .report import write_report
 from .schema import STAGES as STAGE_ORDER, register
 from .tokenizer import load_tokenizer
@@ -100,6 +101,10 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
     verbose: MindFormers' own log lines on the terminal too (hydra.verbose=true)."""
     cfg = resolve(cfg)                # checked, HF config.json applied, read-only
     run_dir = Path(run_dir)
+    if cfg.tracking.uri:
+        use_credentials(cfg.tracking.uri)   # for MLflow (and msrun workers), out of every file and line
+    # Hydra wrote the config and command line as given: mask any secret before they are kept or logged
+    redact_files(run_dir / ".hydra", run_dir.parent / "multirun.yaml")
     if world_size(cfg.parallel) > 1 and not is_worker() and list(cfg.stages) != ["plan"]:
         start_up_checks(cfg, run_dir, given)
         artifacts(cfg, Tracker(), run_dir, verbose)   # once, here: the workers find data and base in the cache
@@ -135,7 +140,7 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
     try:
         start_up_checks(cfg, run_dir, given)
         tracker.log_params(flatten(OmegaConf.to_container(cfg)))
-        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (run_dir / "config_resolved.yaml").write_text(redact(OmegaConf.to_yaml(cfg)))
         t0 = time.time()
         tok, prepared, base, how = artifacts(cfg, tracker, run_dir, verbose)
         summary["setup_peak_rss_gb"] = peak_rss_gb()   # tokenizer, prepared data, base weights
@@ -159,8 +164,8 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         if _signals_received:   # the signal's exception was turned into another one (e.g. inside a C extension's import)
             status = "KILLED"
             raise Interrupted(_signals_received[-1]) from None
-        tracker.set_tags({"error": str(e)[:1000]})
-        summary["error"] = str(e)[:1000]
+        tracker.set_tags({"error": redact(e)[:1000]})
+        summary["error"] = redact(e)[:1000]
         raise
     finally:
         summary["status"] = status
@@ -194,14 +199,14 @@ def mark_failed(summary_path: Path, error: Exception) -> None:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"runs": earlier_runs(summary_path)}
     if summary.get("status") in ("FINISHED", "FAILED"):
         return   # rank 0 got as far as recording the end itself
-    summary.update(status="FAILED", error=str(error)[:1000])
+    summary.update(status="FAILED", error=redact(error)[:1000])
     write_json(summary_path, summary)
     if summary.get("mlflow_run_id") and summary.get("mlflow_uri"):
         try:
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient(summary["mlflow_uri"])
-            client.set_tag(summary["mlflow_run_id"], "error", str(error)[:1000])
+            client.set_tag(summary["mlflow_run_id"], "error", redact(error)[:1000])
             client.set_terminated(summary["mlflow_run_id"], status="FAILED")
         except Exception as e:   # the tracking store is not what failed; say so and keep the original error
             log.warning("could not mark MLflow run %s FAILED: %s", summary["mlflow_run_id"], e)
@@ -255,12 +260,13 @@ def main(cfg: DictConfig) -> float | None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = in_multirun()
+    redact_logging()   # the terminal and the run's log file
     try:
         summary = run(cfg, run_dir, given_keys(), verbose=bool(HydraConfig.get().verbose))
     except UserError as e:
         # Known bad input or a failed worker: one line, no traceback (the MLflow run, if one was
         # opened, is marked FAILED).
-        print(f"finetune: error: {e}", file=sys.stderr)
+        print(f"finetune: error: {redact(e)}", file=sys.stderr)
         if multirun:
             return None
         sys.exit(e.exit_code)

@@ -117,7 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--parent", metavar="RUN_ID", help="only the child runs of this sweep parent run")
     args = p.parse_args(argv)
 
-    uri = args.tracking_uri or default_uri("outputs")
+    from .redact import redact, use_credentials
+
+    uri = use_credentials(args.tracking_uri) if args.tracking_uri else default_uri("outputs")
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         print(f"finetune-compare: error: no MLflow store at {uri} (run a job first, or pass --tracking-uri)",
               file=sys.stderr)
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
         runs = load_runs(uri, args.experiment, args.parent)
         table = compare_table(runs, args.sort, args.ascending)
     except (LookupError, ValueError) as e:
-        print(f"finetune-compare: error: {e}", file=sys.stderr)
+        print(f"finetune-compare: error: {redact(e)}", file=sys.stderr)
         return 2
     what = f"children of sweep run {args.parent}" if args.parent else "runs"
     print(f"experiment {args.experiment!r} in {uri}: {len(runs)} {what}, sorted by {args.sort} "

@@ -49,6 +49,15 @@ def rank() -> int:
     return int(os.environ.get("RANK_ID", os.environ.get("RANK", "0"))) if is_worker() else 0
 
 
+def _without_credentials(override: str) -> str:
+    """tracking.uri=http://user:pw@host -> tracking.uri=http://host: msrun logs its workers' command
+    lines; the credentials reach them through MLflow's environment variables (redact.use_credentials)."""
+    from .redact import split_credentials
+
+    key, _, value = override.partition("=")
+    return f"{key}={split_credentials(value)[0]}" if key.lstrip("+") == "tracking.uri" else override
+
+
 def msrun_command(cfg, run_dir: Path, overrides: list[str], port: int | None = None) -> list[str]:
     """The exact msrun command line that runs this config on parallel.nodes x local workers.
     On a multi-node job every node runs it with its own parallel.node_rank."""
@@ -67,7 +76,7 @@ def msrun_command(cfg, run_dir: Path, overrides: list[str], port: int | None = N
         "--tail_worker_log=0",   # the console follows rank 0; every rank's log is in msrun/worker_N.log
         f"--cluster_time_out={par.join_timeout}",
         str(WORKER_SCRIPT),
-        *[o for o in overrides if not o.startswith("hydra.run.dir=")],
+        *[_without_credentials(o) for o in overrides if not o.startswith("hydra.run.dir=")],
         f"hydra.run.dir={run_dir}",
         # workers log to stdout (msrun keeps it in msrun/worker_N.log) and leave .hydra/ to the launcher
         "hydra.output_subdir=null",
@@ -105,7 +114,7 @@ def launch(cfg, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = msrun_command(cfg, run_dir, list(HydraConfig.get().overrides.task), master_port(cfg.parallel))
     cmd[0] = shutil.which("msrun") or str(Path(sys.executable).parent / "msrun")
-    print(f"finetune: launching {world_size(cfg.parallel)} workers: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    print(f"finetune: launching {world_size(cfg.parallel)} workers: {' '.join(cmd)}", file=sys.stderr, flush=True)   # no credentials: see _without_credentials
     # msrun starts workers as `python worker.py`: put this interpreter's folder (the venv) first.
     env = {**os.environ, WORKER_ENV: "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     # msrun's own messages (stderr) are passed through and kept: its first "Worker process PID exit

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from .errors import ConfigError
 from .launch import msrun_command, world_size
 from .layout import NORMS, dense_layers, module_param_counts
+from .redact import redact
 
 # MindSpore reads max_device_memory="58GB" as 58 x 2^30 bytes (kGBToByte = 1024 << 20 in its
 # runtime), so every memory figure here is in that unit, to compare like with like.
@@ -221,8 +222,8 @@ def plan(ctx) -> dict:
               "memory_total_bytes": totals, "memory_chosen": chosen,
               "max_device_memory_bytes": limit, "fits": fits, "command": command, "gb_unit_bytes": GB}
     path = run_dir / "plan.json"
-    path.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
-    print(format_plan(cfg, report))
+    path.write_text(redact(json.dumps(report, indent=1, default=str)), encoding="utf-8")
+    print(redact(format_plan(cfg, report)))
     tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
     tracker.log_artifact(path)
     if not fits:

@@ -21,6 +21,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from . import tracking
+from .redact import redact, redact_files
 from .schema import ConfigError
 
 log = logging.getLogger("finetune.sweep")
@@ -137,7 +138,7 @@ class SweepCallback(Callback):
             uri = tracking.resolve_uri(config.tracking, output_root)
         except ConfigError as e:
             # Before any job: one line and exit 2, as a single run would (nothing was logged).
-            print(f"finetune: error: {e}", file=sys.stderr)
+            print(f"finetune: error: {redact(e)}", file=sys.stderr)
             sys.exit(2)
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         name = config.tracking.run_name or f"sweep-{sweep_dir.name}"
@@ -160,6 +161,7 @@ class SweepCallback(Callback):
         os.environ[tracking.SWEEP_OVERRIDES_ENV] = ",".join(str(o) for o in config.hydra.overrides.task)
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        redact_files(Path(config.hydra.sweep.dir) / "multirun.yaml")   # the sweep's command line, secrets masked
         if self.parent is None:
             return
         parent, self.parent = self.parent, None

@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .redact import redact, redact_params, use_credentials
+
 log = logging.getLogger("finetune.tracking")
 
 MAX_PARAM_VALUE = 6000   # MLflow's limit on a param value's length
@@ -48,9 +50,9 @@ def server_problem(uri: str, timeout: float = SERVER_TIMEOUT) -> str | None:
     except urllib.error.HTTPError as e:
         return f"GET {url} answered HTTP {e.code}"
     except urllib.error.URLError as e:
-        return f"{e.reason}"
+        return redact(e.reason)
     except (OSError, ValueError) as e:          # timeouts, resets, malformed URLs
-        return f"{type(e).__name__}: {e}"
+        return redact(f"{type(e).__name__}: {e}")
 
 
 def resolve_uri(tracking, output_root: str | Path) -> str:
@@ -59,7 +61,8 @@ def resolve_uri(tracking, output_root: str | Path) -> str:
     back to the local store and say where (tracking.required=false)."""
     from .schema import ConfigError
 
-    uri = tracking.uri or default_uri(output_root)
+    # credentials in the URI go to MLflow's environment variables, never into a param or a message
+    uri = use_credentials(tracking.uri) if tracking.uri else default_uri(output_root)
     if not uri.startswith(("http://", "https://")):
         return uri
     problem = server_problem(uri)
@@ -98,7 +101,7 @@ def sweep_context(uri: str, experiment: str) -> dict:
     if os.environ.get(SWEEP_JOB_ENV) is not None:
         tags["sweep_job"] = os.environ[SWEEP_JOB_ENV]
     if os.environ.get(SWEEP_OVERRIDES_ENV) is not None:
-        tags["sweep_overrides"] = os.environ[SWEEP_OVERRIDES_ENV][:MAX_PARAM_VALUE]
+        tags["sweep_overrides"] = redact(os.environ[SWEEP_OVERRIDES_ENV])[:MAX_PARAM_VALUE]
     return {"parent": parent, "name": os.environ.get(SWEEP_NAME_ENV, "sweep"), "tags": tags}
 
 
@@ -147,7 +150,7 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in params.items()]
+        items = [Param(k, v) for k, v in redact_params(params).items()]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(self.run_id, params=items[i:i + BATCH])
 
@@ -172,7 +175,7 @@ class Tracker:
     def set_tags(self, tags: dict) -> None:
         if self.client:
             for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, str(v))
+                self.client.set_tag(self.run_id, k, redact(v))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not self.client or not Path(path).exists():

@@ -69,10 +69,24 @@ def _finetune(tmp: Path, args: list[str], run: str = "run") -> subprocess.Comple
     return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=900)
 
 
+SECRET = "s3cretPW"
+
+
+def _files_holding(folder: Path, needle: bytes) -> list[str]:
+    return [str(f) for f in folder.rglob("*") if f.is_file() and needle in f.read_bytes()]
+
+
 def test_job_logs_to_the_server(server):
+    """...with credentials in the URI (the server has no auth and ignores them): they reach MLflow
+    and appear nowhere the run writes or prints — params, tags, config files, .hydra/, the report,
+    the log, the artifacts, the server's database."""
     uri, tmp = server
-    proc = _finetune(tmp, [*TINY, "stages=[prepare,evaluate]", f"tracking.uri={uri}", "tracking.experiment=srv"])
+    with_password = uri.replace("http://", f"http://alice:{SECRET}@")
+    proc = _finetune(tmp, [*TINY, "stages=[prepare,evaluate]", f"tracking.uri={with_password}", "tracking.experiment=srv"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert SECRET not in proc.stdout + proc.stderr
+    assert _files_holding(tmp, SECRET.encode()) == []      # run dir, server.db, artifacts, server.log
+    assert (tmp / "run" / ".hydra" / "overrides.yaml").read_text().count("alice:***@") == 1
     s = json.loads((tmp / "run" / "summary.json").read_text())
     assert s["mlflow_uri"] == uri
     run = rest(uri, "runs/get", run_id=s["mlflow_run_id"])["run"]
@@ -82,7 +96,7 @@ def test_job_logs_to_the_server(server):
     assert metrics["mc_accuracy"] == s["mc_accuracy"]
     assert metrics["mc_accuracy_base"] == s["mc_accuracy_base"]
     assert metrics["trainable_ratio_pct"] == pytest.approx(s["trainable_ratio_pct"])
-    assert params["eval.limit"] == "8" and params["tracking.uri"] == uri
+    assert params["eval.limit"] == "8" and params["tracking.uri"] == uri.replace("http://", "http://alice:***@")
     exp = rest(uri, "experiments/get-by-name", experiment_name="srv")["experiment"]
     assert exp["experiment_id"] == run["info"]["experiment_id"]
     # Artifacts go through the server (proxied) into its --artifacts-destination, not the job's folder.
@@ -110,15 +124,21 @@ def _tracking(uri, required):
     return OmegaConf.structured(TrackingConfig(uri=uri, required=required))
 
 
-def test_required_false_falls_back_to_the_local_store_and_says_where(tmp_path, caplog):
+def test_required_false_falls_back_to_the_local_store_and_says_where(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
     uri = f"http://127.0.0.1:{free_port()}"
+    with_password = uri.replace("http://", f"http://bob:{SECRET}@")
     with caplog.at_level(logging.WARNING, logger="finetune.tracking"):
-        assert resolve_uri(_tracking(uri, False), tmp_path) == default_uri(tmp_path)
+        assert resolve_uri(_tracking(with_password, False), tmp_path) == default_uri(tmp_path)
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
-    assert f"no MLflow server at {uri}" in message and default_uri(tmp_path) in message
-    with pytest.raises(ConfigError, match=f"^tracking.uri: no MLflow server at {uri} "):
-        resolve_uri(_tracking(uri, True), tmp_path)
+    assert f"no MLflow server at {uri}" in message and default_uri(tmp_path) in message and SECRET not in message
+    with pytest.raises(ConfigError, match=f"^tracking.uri: no MLflow server at {uri} ") as e:
+        resolve_uri(_tracking(with_password, True), tmp_path)
+    assert SECRET not in str(e.value)
+    # the credentials went to MLflow's own variables
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("bob", SECRET)
 
 
 def test_local_uris_are_not_probed(tmp_path):

@@ -167,3 +167,29 @@ def test_sanitized_names_are_accepted_by_mlflow(store):
     t.log_metrics({n: 1.0 for n in names})
     t.end("FINISHED")
     assert set(MlflowClient(store[1]).get_run(t.run_id).data.metrics) == {sanitize(n) for n in names}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("tracking.uri=http://alice:pw@host:5000", "tracking.uri=http://alice:***@host:5000"),
+    ("uri: https://u:p%40ss@h:1/x", "uri: https://u:***@h:1/x"),
+    ("db_password: hunter2", "db_password: ***"),
+    ('{"token": "abc", "n": 1}', '{"token": "***", "n": 1}'),
+    ("http://h/x?api_key=zzz&page=2", "http://h/x?api_key=***&page=2"),
+    # not secrets: no password in the URI, key names that only contain the word
+    ("http://host:5000 sqlite:////tmp/a.db", "http://host:5000 sqlite:////tmp/a.db"),
+    ("max_new_tokens: 16\ntokenizer: {path: x}", "max_new_tokens: 16\ntokenizer: {path: x}"),
+])
+def test_redact(text, expected):
+    from finetune.redact import redact
+
+    assert redact(text) == expected
+
+
+def test_redact_params_by_key_name_and_value():
+    from finetune.redact import redact_params, split_credentials
+
+    assert redact_params({"tracking.uri": "http://a:b@c", "x.api_key": "k1", "x.secret": "None",
+                          "eval.squad.max_new_tokens": "16"}) == {
+        "tracking.uri": "http://a:***@c", "x.api_key": "***", "x.secret": "None", "eval.squad.max_new_tokens": "16"}
+    assert split_credentials("http://u:p%40ss@h:1/x") == ("http://h:1/x", "u", "p@ss")
+    assert split_credentials("sqlite:////u:p@x.db") == ("sqlite:////u:p@x.db", None, None)
