@@ -42,7 +42,7 @@ from .report import write_report
 from .schema import STAGES as STAGE_ORDER, register
 from .tokenizer import load_tokenizer
 from .tracking import Tracker, flatten, resolve_uri
-from .train import resume_point, train
+from .train import check_fresh_run_dir, resume_point, train
 
 log = logging.getLogger("finetune")
 register()
@@ -92,8 +92,8 @@ def start_up_checks(cfg, run_dir: Path, given: frozenset[str]) -> None:
     if "predict" in cfg.stages and cfg.predict.input:
         read_predict_input(cfg.predict.input, cfg.dataset.name, cfg.dataset.style)   # one line naming the record, not after training
     check_run_adapter(cfg, run_dir, given)
-    if "train" in cfg.stages and cfg.train.resume:
-        resume_point(cfg, run_dir)
+    if "train" in cfg.stages:
+        resume_point(cfg, run_dir) if cfg.train.resume else check_fresh_run_dir(cfg, run_dir)
 
 
 def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), verbose: bool = False) -> dict:

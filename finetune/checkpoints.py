@@ -19,6 +19,7 @@ from pathlib import Path
 log = logging.getLogger("finetune.checkpoints")
 
 INDEX = "index.json"
+RUN_RECORD = "run.json"   # the settings that shaped these checkpoints (train.training_settings)
 
 
 def save_steps(total_steps: int, num_checkpoints: int) -> list[int]:
@@ -74,6 +75,25 @@ def newest_valid(ckpt_dir: Path) -> dict | None:
             return entry
         log.warning("checkpoint at step %d unusable: %s; trying the previous one", entry["step"], problem)
     return None
+
+
+def write_run_record(ckpt_dir: Path, settings: dict) -> None:
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_dir / (RUN_RECORD + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
+    tmp.replace(ckpt_dir / RUN_RECORD)
+
+
+def read_run_record(ckpt_dir: Path) -> dict | None:
+    f = Path(ckpt_dir) / RUN_RECORD
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def setting_differences(recorded: dict, current: dict) -> dict[str, tuple]:
+    """{key: (current, recorded)} for every setting whose value differs, or that only one side has."""
+    return {k: (current.get(k), recorded.get(k)) for k in sorted(set(recorded) | set(current))
+            if recorded.get(k) != current.get(k)}
 
 
 def select_best(scores: list[dict]) -> dict | None:

@@ -212,6 +212,9 @@ class TrainConfig:
     shuffle: bool = True
     save: SaveConfig = field(default_factory=SaveConfig)
     resume: bool = False           # continue from the newest checkpoint in the run dir
+    # A run dir holds one training run: training again where checkpoints exist is refused unless
+    # this is true (the earlier run's checkpoints, adapter and train log are deleted first).
+    overwrite: bool = False
     # Under dynamic loss scaling: this many non-finite (overflow) steps in a row stop the run as
     # diverged. Without loss scaling the first non-finite step does.
     max_nonfinite_steps: int = 8

@@ -17,7 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .adapter import ADAPTER_FILE, load_adapter, lora_differences, read_adapter, save_adapter
-from .checkpoints import add_to_index, newest_valid, save_steps
+from .checkpoints import (add_to_index, newest_valid, read_index, read_run_record, save_steps,
+                          setting_differences, write_run_record)
 from .data.mindrecord import read_shards
 from .errors import ModelError, TrainingDiverged
 from .forward import answer_loss_cell, answer_positions, bucket, labelled_per_row, row_lengths
@@ -309,11 +310,15 @@ def train(ctx) -> dict:
 
     ckpt_dir = run_dir / "checkpoints"
     resume_state = None
+    settings = training_settings(cfg, ctx.prepared)
     if cfg.train.resume:
-        entry = resume_point(cfg, run_dir)
+        entry = resume_point(cfg, run_dir, settings)
         load_adapter(net, ckpt_dir / entry["adapter"], "train.resume")
         resume_state = (entry["step"], ckpt_dir / entry["state"])
         ctx.tracker.set_tags({"resumed_from_step": entry["step"]})
+    elif r == 0:
+        check_fresh_run_dir(cfg, run_dir, clear=True)
+        write_run_record(ckpt_dir, settings)
 
     schedule = Schedule(batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, seed=cfg.seed,
                         accumulation=cfg.parallel.gradient_accumulation_steps, max_steps=cfg.train.max_steps,
@@ -355,9 +360,55 @@ def train(ctx) -> dict:
     }
 
 
-def resume_point(cfg, run_dir: Path) -> dict:
+# What a resumed run must share with the checkpoints it continues: everything that changes the
+# math of the remaining steps or the data they see. (The save count does not; the global
+# batch, not the per-device one, fixes the data order, so a resume may change the device count.)
+SETTINGS = ("lora.rank", "lora.alpha", "lora.dropout", "lora.target_modules", "optimizer.name",
+            "optimizer.learning_rate", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
+            "optimizer.weight_decay", "optimizer.warmup_ratio", "optimizer.max_grad_norm", "train.epochs",
+            "train.max_steps", "train.shuffle", "seed", "model.name", "model.seq_length", "model.checkpoint",
+            "hardware.compute_dtype", "hardware.loss_scale.kind")
+
+
+def training_settings(cfg, prepared: Path | None = None) -> dict:
+    """The settings recorded beside a run's checkpoints (checkpoints/run.json) and compared on resume.
+    `data` (the prepared data's content-addressed folder) is known once data is prepared."""
+    from omegaconf import OmegaConf
+
+    out = {key: OmegaConf.select(cfg, key) for key in SETTINGS}
+    out = {k: v if isinstance(v, (int, float, bool, type(None))) else str(v) for k, v in out.items()}
+    out["train.global_batch"] = (cfg.train.batch_size * cfg.parallel.gradient_accumulation_steps
+                                 * cfg.parallel.data_parallel)
+    if prepared is not None:
+        out["data"] = Path(prepared).name
+    return out
+
+
+def check_fresh_run_dir(cfg, run_dir: Path, clear: bool = False) -> None:
+    """A new training run (train.resume=false) in a run dir that holds another run's checkpoints is
+    refused, unless train.overwrite=true (then, with clear=True, that run's training files go)."""
+    import shutil
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    steps = [e["step"] for e in read_index(ckpt_dir)]
+    if not steps:
+        return
+    if not cfg.train.overwrite:
+        raise ModelError(f"train: {ckpt_dir} holds checkpoints of an earlier run (steps {', '.join(map(str, steps))}); "
+                         "set train.resume=true to continue it, train.overwrite=true to replace it, "
+                         "or choose another hydra.run.dir")
+    if clear:
+        log.warning("train.overwrite=true: deleting the earlier run's checkpoints (steps %s), adapter and train log "
+                    "in %s", ", ".join(map(str, steps)), run_dir)
+        shutil.rmtree(ckpt_dir)
+        for name in (ADAPTER_FILE, "train_log.csv"):
+            (Path(run_dir) / name).unlink(missing_ok=True)
+
+
+def resume_point(cfg, run_dir: Path, settings: dict | None = None) -> dict:
     """train.resume=true: the newest checkpoint in run_dir/checkpoints whose files verify, which must
-    have been trained with the same LoRA settings (checked at start-up, and again by the stage)."""
+    have been trained with the same settings (training_settings; checked at start-up without the data,
+    and again by the stage with it)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     entry = newest_valid(ckpt_dir)
     if entry is None:
@@ -367,6 +418,16 @@ def resume_point(cfg, run_dir: Path) -> dict:
     differ = [f"lora.{k}={mine} (checkpoint: {recorded})" for k, (mine, recorded) in lora_differences(meta, cfg.lora).items()]
     if differ:
         raise ModelError(f"train.resume: the checkpoint was trained with other LoRA settings: {', '.join(differ)}")
+    recorded = read_run_record(ckpt_dir)
+    if recorded is not None:
+        settings = settings or training_settings(cfg)
+        if "data" not in settings:
+            recorded = {k: v for k, v in recorded.items() if k != "data"}
+        differ = [f"{k}={mine} (checkpoint: {old})" for k, (mine, old) in setting_differences(recorded, settings).items()]
+        if differ:
+            raise ModelError(f"train.resume: the checkpoints in {ckpt_dir} were trained with other settings: "
+                             f"{', '.join(differ)}; resume with the same ones, or start a new run "
+                             "(train.overwrite=true, or another hydra.run.dir)")
     return entry
 
 

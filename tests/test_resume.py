@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REFERENCE as ARGS, kill_group, output, run_finetune, start_finetune
+from conftest import QUICK, REFERENCE as ARGS, kill_group, output, resolved, run_finetune, start_finetune
 from finetune.checkpoints import add_to_index, newest_valid, read_index, save_steps
+from finetune.errors import ModelError
 
 
 def test_save_steps_are_evenly_spaced_and_end_at_the_last_step():
@@ -97,6 +98,45 @@ def test_resume_with_other_lora_settings_is_refused(reference_run):
     assert proc.returncode == 2
     assert "finetune: error: train.resume: the checkpoint was trained with other LoRA settings: " \
            "lora.alpha=32.0 (checkpoint: 16.0)" in proc.stderr, proc.stderr[-2000:]
+
+
+def _checks(run_dir, extra=()):
+    from finetune.app import start_up_checks
+
+    start_up_checks(resolved([*QUICK, *ARGS, *extra]), run_dir, frozenset())
+
+
+def test_resume_with_other_training_settings_is_refused_naming_them(reference_run):
+    """Checked at start-up against checkpoints/run.json (no data or model loaded yet): a changed
+    learning rate or number of epochs continues a different run."""
+    with pytest.raises(ModelError, match=r"trained with other settings: optimizer.learning_rate=0.001 "
+                                         r"\(checkpoint: 0.005\), train.epochs=6 \(checkpoint: 5\); "):
+        _checks(reference_run, ["train.resume=true", "optimizer.learning_rate=1e-3", "train.epochs=6"])
+    _checks(reference_run, ["train.resume=true", "train.save.num_checkpoints=2"])   # saving less changes nothing
+    # ... and by the stage, once the data is prepared: other data is another run
+    from finetune.train import resume_point, training_settings
+
+    cfg = resolved([*QUICK, *ARGS, "train.resume=true"])
+    recorded = json.loads((reference_run / "checkpoints" / "run.json").read_text())["data"]
+    assert resume_point(cfg, reference_run, training_settings(cfg, Path("/x") / recorded))["step"] == 30
+    with pytest.raises(ModelError, match=rf"data=demo-other \(checkpoint: {recorded}\)"):
+        resume_point(cfg, reference_run, training_settings(cfg, Path("/x/demo-other")))
+
+
+def test_training_again_in_a_run_dir_with_checkpoints_is_refused(reference_run, tmp_path):
+    with pytest.raises(ModelError, match=r"holds checkpoints of an earlier run \(steps 6, 12, 18, 24, 30\); "
+                                         r"set train.resume=true to continue it, train.overwrite=true to replace it"):
+        _checks(reference_run)
+    # train.overwrite=true: accepted at start-up; the stage deletes the earlier run's training files
+    import shutil
+    from finetune.train import check_fresh_run_dir
+
+    run = shutil.copytree(reference_run, tmp_path / "run", symlinks=True)
+    _checks(run, ["train.overwrite=true"])
+    assert (run / "checkpoints" / "index.json").is_file()
+    check_fresh_run_dir(resolved([*QUICK, *ARGS, "train.overwrite=true"]), run, clear=True)
+    assert not (run / "checkpoints").exists() and not (run / "train_log.csv").exists()
+    assert not (run / "adapter.ckpt").exists() and (run / "summary.json").is_file()
 
 
 def test_select_best_checkpoint_respects_retention():
