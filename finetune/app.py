@@ -90,7 +90,7 @@ def start_up_checks(cfg, run_dir: Path, given: frozenset[str]) -> None:
     resume from with the same LoRA settings."""
     check_input_files(cfg)
     if "predict" in cfg.stages and cfg.predict.input:
-        read_predict_input(cfg.predict.input, cfg.dataset.name, cfg.dataset.style)   # one line naming the record, not after training
+        read_predict_input(cfg.predict.input, cfg.dataset.name, cfg.dataset.style, cfg.dataset.encoding)   # one line naming the record, not after training
     check_run_adapter(cfg, run_dir, given)
     if "train" in cfg.stages:
         resume_point(cfg, run_dir) if cfg.train.resume else check_fresh_run_dir(cfg, run_dir)
@@ -177,7 +177,10 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         tracker.log_artifact(run_dir / ".hydra", "hydra")
         if "evaluate" in summary["stages"]:
             tracker.log_artifact(run_dir / "eval_predictions.jsonl")
-        tracker.end(status)
+        pending = tracker.end(status, run_dir)
+        if pending is not None:   # the store was away at the end: say where the rest of the run is
+            summary["tracking_pending"] = str(pending)
+            write_json(summary_path, summary)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return summary
@@ -252,8 +255,36 @@ def _raise_interrupt(signum, frame):
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
+def main() -> None:
+    """The `finetune` command. Folders Hydra creates itself (the run or sweep dir under
+    output_root) are checked first: Hydra would stop on a file in their way with a traceback."""
+    problem = output_path_problem(sys.argv[1:])
+    if problem:
+        print(f"finetune: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
+
+
+def output_path_problem(argv: list[str]) -> str | None:
+    """A one-line complaint if output_root, hydra.run.dir or hydra.sweep.dir (as given on the command
+    line; output_root defaults to `outputs`) is, or lies under, something that is not a folder."""
+    given = {"output_root": "outputs"}
+    for arg in argv:
+        key, eq, value = arg.lstrip("+").partition("=")
+        if eq and key in ("output_root", "hydra.run.dir", "hydra.sweep.dir") and "${" not in value:
+            given[key] = value
+    for key, value in given.items():
+        path = Path(value).expanduser().absolute()
+        for p in (path, *path.parents):
+            if p.exists():
+                if not p.is_dir():
+                    return f"{key}={value}: {p} is a file, not a folder; choose another {key}"
+                break
+    return None
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Thin: resolve the run dir, run, return cfg.sweep.objective (what a sweep optimizes).
     In a multirun sweep a failed job returns None (its MLflow run is FAILED) and the sweep goes on."""
     from .sweep import in_multirun, objective_value

@@ -99,7 +99,7 @@ def check(cfg) -> None:
         raise ConfigError(f"parallel.master_port: expected 0..65535 (0 = pick a free port), got {par.master_port}")
     if par.master_port == 0 and par.nodes > 1:
         raise ConfigError("parallel.master_port=0 (pick a free port) works on one node only; a multi-node job "
-                          "needs the same explicit port on every node")
+                          "needs the same explicit port on every node, e.g. parallel.master_port=8118")
     hw = cfg.hardware
     if hw.compute_dtype == "float16" and hw.loss_scale.kind == "none":
         raise ConfigError("hardware.loss_scale.kind: float16 compute needs a dynamic loss scale "
@@ -117,6 +117,14 @@ def check(cfg) -> None:
                 raise ConfigError(f"dataset.demo.{key}: expected >= 0, got {ds.demo[key]}")
     elif not ds.path:
         raise ConfigError(f"dataset.path: required for dataset={ds.name} (folder with dev/ and test/)")
+    if ds.get("encoding"):
+        import codecs
+
+        try:
+            codecs.lookup(ds.encoding)
+        except LookupError:
+            raise ConfigError(f"dataset.encoding={ds.encoding!r}: not a text encoding Python knows "
+                              "(e.g. utf-8, gbk, gb18030, latin-1), or null to detect UTF-8 / GBK") from None
     if ds.train_split == ds.eval_split and not 0.0 < ds.holdout_fraction < 1.0:
         raise ConfigError(f"dataset.holdout_fraction: expected in (0, 1) when train_split == eval_split, "
                           f"got {ds.holdout_fraction}")
@@ -154,3 +162,17 @@ def check_input_files(cfg) -> None:
     for key, path in files.items():
         if path and not Path(path).is_file():
             raise ConfigError(f"{key}: {path} not found")
+    # ... and parse (one line naming the record), rather than fail after training
+    from .data.prompts import read_alpaca_json
+    from .data.records import DataError
+    from .metrics import load_squad
+
+    if files["eval.squad.path"]:
+        try:
+            load_squad(files["eval.squad.path"])
+        except ValueError as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"eval.squad.path: {e}") from None
+    if files["dataset.general.path"]:
+        read_alpaca_json(files["dataset.general.path"], "dataset.general.path", require_output=True)

@@ -42,7 +42,7 @@ def is_multiple_choice(prompt: str, style: str) -> bool:
     return prompt.rstrip().endswith(_CUES[style])
 
 
-def read_predict_input(path: str | Path, dataset: str, style: str) -> list[dict]:
+def read_predict_input(path: str | Path, dataset: str, style: str, encoding: str | None = None) -> list[dict]:
     """[{id, prompt}] from an Alpaca JSON list or an MMLU/CMMLU CSV; one-line errors name the record.
     The CSV layout follows the dataset (CMMLU has a header and an index column), the prompt its style
     (`contest` is one style for both datasets)."""
@@ -53,7 +53,7 @@ def read_predict_input(path: str | Path, dataset: str, style: str) -> list[dict]
         subject = path.stem.removesuffix("_test").removesuffix("_val").removesuffix("_dev")
         read = read_cmmlu_file if dataset == "cmmlu" else read_mmlu_file
         return [{"id": str(row), "prompt": prompts.build_prompt(q, style)}
-                for row, q in enumerate(read(path, "input", subject, answer_required=False))]
+                for row, q in enumerate(read(path, "input", subject, answer_required=False, encoding=encoding))]
     return [{"id": str(rec.get("id", i)), "prompt": prompts.alpaca_prompt(rec)}
             for i, rec in enumerate(prompts.read_alpaca_json(path, "predict.input", require_output=False))]
 
@@ -64,7 +64,7 @@ def predict(ctx) -> dict:
     style = cfg.dataset.style
     # No input given: the prepared eval split (Alpaca JSON), i.e. predict on the dataset's test set.
     source = p.input or ctx.prepared / "alpaca" / "eval.json"
-    records = read_predict_input(source, cfg.dataset.name, style)
+    records = read_predict_input(source, cfg.dataset.name, style, cfg.dataset.encoding)
     seq = cfg.model.seq_length
     # multiple choice by generation (the contest's style, or eval.mc.method=generate) or by letter logits
     generate = style == "contest" or cfg.eval.mc.method == "generate"

@@ -23,15 +23,16 @@ from .data.cmmlu import read_cmmlu
 from .data.mindrecord import encode_example, write_shards
 from .data.mmlu import read_mmlu
 from .data.prepared import CORPUS_FILE, META, SQUAD_FILE, TRAIN_RECORDS, load_meta
-from .data.records import DataError, Question
+from .data.records import DataError, Question, read_bytes
 from .tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger("finetune.prepare")
 
 # Bump when the prepared layout or prompt/tokenization logic changes, to invalidate caches.
-FORMAT_VERSION = 5   # 2: the demo's SQuAD-format reading set (squad.json); 3: general records mixed in;
+FORMAT_VERSION = 6   # 2: the demo's SQuAD-format reading set (squad.json); 3: general records mixed in;
 # 4: training rows sorted by length within chunks (data/mindrecord.length_grouped); 5: question and
-# option texts stripped; CMMLU headers name the subject in Chinese
+# option texts stripped; CMMLU headers name the subject in Chinese; 6: eval questions that training
+# (or eval itself) already has are left out
 READERS = {"mmlu": read_mmlu, "cmmlu": read_cmmlu}
 
 
@@ -49,7 +50,7 @@ def read_questions(ds) -> tuple[dict[str, list[Question]], list[str], dict | Non
         general = demo.reading_alpaca(world, d.general_reading, d.seed, avoid=dev_passages) \
             if d.general_reading and not ds.general.path else []
         return demo.questions(world, d.seed, d.test_fraction, d.dev_per_subject), docs, squad, general
-    return READERS[ds.name](ds.path), [], None, []
+    return READERS[ds.name](ds.path, ds.encoding), [], None, []
 
 
 def general_records(ds, generated: list[dict], seed: int) -> list[dict]:
@@ -65,14 +66,38 @@ def general_records(ds, generated: list[dict], seed: int) -> list[dict]:
     return records
 
 
+def question_key(q: Question) -> str:
+    """What makes two questions the same for leakage: question and option texts, case and runs of
+    whitespace ignored (the CSVs hold copies that differ only in those)."""
+    return "\x1f".join(" ".join(t.split()).casefold() for t in (q.question, *q.choices))
+
+
+def drop_duplicates(train: list[Question], evalq: list[Question]) -> tuple[list[Question], int, int]:
+    """(eval questions, how many were dropped because training has the same question, how many
+    because eval already had it). Repeats within training are kept: they only weigh more."""
+    in_train = {question_key(q) for q in train}
+    kept, seen, of_train, repeated = [], set(), 0, 0
+    for q in evalq:
+        key = question_key(q)
+        if key in in_train:
+            of_train += 1
+        elif key in seen:
+            repeated += 1
+        else:
+            seen.add(key)
+            kept.append(q)
+    return kept, of_train, repeated
+
+
 def _holdout(q: Question, fraction: float) -> bool:
     """Stable pseudo-random membership from the question id (same answer on every machine)."""
     h = int.from_bytes(hashlib.sha256(q.id.encode()).digest()[:8], "big")
     return h / 2**64 < fraction
 
 
-def select_splits(ds, splits: dict[str, list[Question]], seed: int) -> dict[str, list[Question]]:
-    """{'train', 'eval', 'dev'} question lists according to the dataset config."""
+def select_splits(ds, splits: dict[str, list[Question]], seed: int) -> tuple[dict[str, list[Question]], dict]:
+    """({'train', 'eval', 'dev'} question lists according to the dataset config, {how many eval
+    questions were left out as duplicates: eval_dropped_in_train, eval_dropped_repeated})."""
     for key in ("train_split", "eval_split", "dev_split"):
         if ds[key] not in splits:
             raise DataError(f"dataset.{key}={ds[key]!r}: no such split in {ds.path or ds.name} "
@@ -90,10 +115,16 @@ def select_splits(ds, splits: dict[str, list[Question]], seed: int) -> dict[str,
         train = [q for q in train if not _holdout(q, ds.holdout_fraction)]
     if ds.max_train_questions is not None and len(train) > ds.max_train_questions:
         train = sorted(random.Random(seed).sample(train, ds.max_train_questions), key=lambda q: q.id)
+    evalq, of_train, repeated = drop_duplicates(train, evalq)
+    if of_train or repeated:
+        log.warning("prepare: %d eval questions also in training and %d repeated within eval are left out "
+                    "of evaluation (same question and options; %d eval questions remain)", of_train, repeated,
+                    len(evalq))
     if not train or not evalq:
         raise DataError(f"dataset: empty selection (train {len(train)}, eval {len(evalq)} questions); "
                         f"check dataset.subjects / splits")
-    return {"train": train, "eval": evalq, "dev": splits[ds.dev_split]}
+    return ({"train": train, "eval": evalq, "dev": splits[ds.dev_split]},
+            {"eval_dropped_in_train": of_train, "eval_dropped_repeated": repeated})
 
 
 def _encode(pairs: list[tuple[str, str]], tok, seq_length: int) -> tuple[list, int]:
@@ -111,7 +142,7 @@ def _input_fingerprint(ds) -> str:
         root = Path(ds.path)
         for f in sorted(root.rglob("*.csv")):
             h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
+            h.update(read_bytes(f))
     if ds.general.path and Path(ds.general.path).is_file():
         h.update(b"general:" + Path(ds.general.path).read_bytes())
     return h.hexdigest()
@@ -139,7 +170,7 @@ def prepare(cfg, tok) -> Path:
         return out
     ds = cfg.dataset
     splits, corpus, squad, generated = read_questions(ds)
-    chosen = select_splits(ds, splits, cfg.seed)
+    chosen, dropped = select_splits(ds, splits, cfg.seed)
     general = general_records(ds, generated, cfg.seed)
 
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
@@ -183,6 +214,7 @@ def prepare(cfg, tok) -> Path:
             "train_too_long": too_long,
             "general_examples": len(general) - general_long,
             "eval_questions": len(chosen["eval"]),
+            **dropped,
             "dev_questions": len(chosen["dev"]),
             "subjects": sorted({q.subject for q in chosen["eval"]}),
             "num_shards": cfg.parallel.data_parallel,
@@ -219,4 +251,6 @@ def prepare_stage(ctx) -> dict:
     meta = load_meta(ctx.prepared)
     return {"prepared_data": str(ctx.prepared), "dataset_rows": meta["dataset_rows"],
             "train_questions": meta["train_questions"], "train_too_long": meta["train_too_long"],
-            "general_examples": meta["general_examples"], "eval_questions_total": meta["eval_questions"]}
+            "general_examples": meta["general_examples"], "eval_questions_total": meta["eval_questions"],
+            "eval_dropped_in_train": meta.get("eval_dropped_in_train", 0),
+            "eval_dropped_repeated": meta.get("eval_dropped_repeated", 0)}

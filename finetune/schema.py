@@ -76,6 +76,8 @@ class DatasetConfig:
     name: DatasetName = MISSING
     path: Optional[str] = MISSING  # folder with dev/ test/ (val/) CSVs; null for the demo
     style: PromptStyle = PromptStyle.mmlu   # prompt template
+    # The CSV files' text encoding; null = UTF-8, or GBK/GB18030 when the bytes are clearly Chinese.
+    encoding: Optional[str] = None
     train_split: str = "train"
     eval_split: str = "test"
     dev_split: str = "dev"         # k-shot examples
@@ -158,7 +160,7 @@ class ParallelConfig:
     nodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-    master_port: int = 8118
+    master_port: int = 0           # 0: a free port (one node only); multi-node: the same port on every node
     join_timeout: int = 600        # seconds msrun waits for all workers to connect
 
 

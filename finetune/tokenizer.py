@@ -32,7 +32,13 @@ class SentencePieceTokenizer:
         path = Path(path)
         if not path.is_file():
             raise TokenizerError(f"model.tokenizer.path: SentencePiece model {path} not found")
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:   # "Internal: could not parse ModelProto from ..."
+            hint = ("; it is a tiktoken rank file: use model.tokenizer.kind=tiktoken"
+                    if _looks_like_tiktoken(path) else "")
+            raise TokenizerError(f"model.tokenizer.path: {path} is not a SentencePiece model "
+                                 f"({' '.join(str(e).split())[:120]}){hint}") from None
         self.name = f"sentencepiece:{path.name}"
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
@@ -72,8 +78,18 @@ def read_tiktoken_file(path: str | Path) -> dict[bytes, int]:
     path = Path(path)
     if not path.is_file():
         raise TokenizerError(f"model.tokenizer.path: tiktoken rank file {path} not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("ascii")   # base64 and digits only
+    except UnicodeDecodeError as e:
+        hint = "; a SentencePiece tokenizer.model? use model.tokenizer.kind=sentencepiece" if b"\x00" in raw[:4096] \
+            or raw[:1] == b"\n" else ""
+        raise TokenizerError(f"model.tokenizer.path: {path} is not a tiktoken rank file (binary byte "
+                             f"0x{raw[e.start]:02x} at offset {e.start}; expected lines 'base64token rank'){hint}") from None
+    if not text.strip():
+        raise TokenizerError(f"model.tokenizer.path: {path} is empty (expected lines 'base64token rank')")
     ranks = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line:
             continue
         try:
@@ -82,6 +98,11 @@ def read_tiktoken_file(path: str | Path) -> dict[bytes, int]:
         except ValueError as e:
             raise TokenizerError(f"{path}:{lineno}: expected 'base64token rank', got {line[:60]!r}") from e
     return ranks
+
+
+def _looks_like_tiktoken(path: Path) -> bool:
+    head = Path(path).read_bytes()[:200].split(b"\n")[0].split()
+    return len(head) == 2 and head[1].isdigit()
 
 
 def builtin_ranks() -> dict[bytes, int]:

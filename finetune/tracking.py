@@ -8,6 +8,7 @@ objects) carry this because msrun workers, which do the logging of a multi-devic
 separate processes started from the job."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -78,6 +79,26 @@ def resolve_uri(tracking, output_root: str | Path) -> str:
     return local
 
 
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """For a SQLite store: an exclusive lock (flock on <db>.lock) while the store is opened. The first
+    open creates and migrates the database; two processes doing that at once fail ("duplicate
+    column name: step"). Other stores: no lock (a server serializes its own)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def sqlite_artifact_root(uri: str) -> Path | None:
     """sqlite:////abs/dir/mlflow.db -> /abs/dir/mlartifacts: artifacts beside the database rather than
     in ./mlruns of whatever directory the job was started from."""
@@ -117,22 +138,50 @@ def flatten(d, prefix: str = "") -> dict[str, str]:
     return out
 
 
+# A tracking server's calls must not hold training up: one attempt per call (MLflow's default is
+# 7 retries with backoff, minutes for a server that is down) and a short timeout. Set for http(s)
+# stores only, unless the user set them.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+RETRY_EVERY = 15.0       # seconds between attempts to reach a store that stopped answering
+PENDING_FILE = "mlflow_pending.json"
+
+
 class Tracker:
+    """One MLflow run. Every call after the run is created is kept when the store does not answer
+    (a server restart, a network cut): the tracker goes offline, training goes on, and what it holds
+    (metric points, params, tags, artifacts, the final status) is sent when the store answers again
+    (tried at most every RETRY_EVERY seconds) — or, if it never does before the run ends, written to
+    <run dir>/mlflow_pending.json, which `python -m finetune.tracking sync FILE` sends later."""
+
     def __init__(self, uri: str | None = None, experiment: str = "finetune", run_name: str | None = None,
                  artifact_root: Path | None = None, tags: dict | None = None):
         self.client, self.run_id, self._buffer = None, None, []
+        self._pending: list[tuple] = []     # ("params" | "tags" | "artifact", payload) not yet sent
+        self._offline_since: float | None = None
+        self._last_try = 0.0
+        self.problem: str | None = None     # the last error from the store, while offline
         if uri is None:
             return
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            artifact_root = artifact_root or sqlite_artifact_root(uri)
-            location = artifact_root.resolve().as_uri() if artifact_root else None
-            exp_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            exp_id = exp.experiment_id
+        if uri.startswith(("http://", "https://")):
+            for k, v in HTTP_ENV.items():
+                os.environ.setdefault(k, v)
+        with store_lock(uri):   # jobs started together: one creates the store and the experiment
+            self.client = MlflowClient(tracking_uri=uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                artifact_root = artifact_root or sqlite_artifact_root(uri)
+                location = artifact_root.resolve().as_uri() if artifact_root else None
+                try:
+                    exp_id = self.client.create_experiment(experiment, artifact_location=location)
+                except Exception:   # another job on a shared server created it first
+                    exp = self.client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+                    exp_id = exp.experiment_id
+            else:
+                exp_id = exp.experiment_id
         tags = {k: str(v) for k, v in (tags or {}).items()}
         sweep = sweep_context(uri, experiment)
         if sweep:
@@ -145,14 +194,58 @@ class Tracker:
         self.run_id = run.info.run_id
         self.uri = uri
 
-    def log_params(self, params: dict[str, str]) -> None:
-        if not self.client:
-            return
+    @property
+    def offline(self) -> bool:
+        return self._offline_since is not None
+
+    def _send(self, kind: str, payload) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in redact_params(params).items()]
-        for i in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + BATCH])
+        if kind == "metrics":
+            for i in range(0, len(payload), 1000):
+                self.client.log_batch(self.run_id, metrics=payload[i:i + 1000])
+        elif kind == "params":
+            items = [Param(k, v) for k, v in payload.items()]
+            for i in range(0, len(items), BATCH):
+                self.client.log_batch(self.run_id, params=items[i:i + BATCH])
+        elif kind == "tags":
+            for k, v in payload.items():
+                self.client.set_tag(self.run_id, k, v)
+        elif kind == "artifact":
+            path, artifact_path = payload
+            if Path(path).is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            elif Path(path).exists():
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+        elif kind == "status":
+            self.client.set_terminated(self.run_id, status=payload)
+
+    def _submit(self, kind: str, payload, force: bool = False) -> None:
+        """Send in order: what is pending first. A failure keeps everything from it on."""
+        self._pending.append((kind, payload))
+        if self.offline and not force and time.time() - self._last_try < RETRY_EVERY:
+            return
+        self._last_try = time.time()
+        while self._pending:
+            kind_, payload_ = self._pending[0]
+            try:
+                self._send(kind_, payload_)
+            except Exception as e:   # the store is unreachable or refused: keep it, train on
+                if not self.offline:
+                    log.warning("tracking: %s stopped answering (%s); training goes on, and what would be logged "
+                                "is kept and sent when it answers again", redact(self.uri), _short(e))
+                    self._offline_since = time.time()
+                self.problem = _short(e)
+                return
+            self._pending.pop(0)
+        if self.offline:
+            log.info("tracking: %s answers again after %.0f s; everything kept has been sent", redact(self.uri),
+                     time.time() - self._offline_since)
+            self._offline_since, self.problem = None, None
+
+    def log_params(self, params: dict[str, str]) -> None:
+        if self.client:
+            self._submit("params", redact_params(params))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.client:
@@ -168,32 +261,111 @@ class Tracker:
 
     def flush(self) -> None:
         if self.client and self._buffer:
-            for i in range(0, len(self._buffer), 1000):
-                self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
-            self._buffer = []
+            points, self._buffer = self._buffer, []
+            self._submit("metrics", points)
 
     def set_tags(self, tags: dict) -> None:
         if self.client:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, redact(v))
+            self._submit("tags", {k: redact(v) for k, v in tags.items()})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if not self.client or not Path(path).exists():
-            return
-        if Path(path).is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        if self.client and Path(path).exists():
+            self._submit("artifact", (str(path), artifact_path))
 
-    def end(self, status: str) -> None:
+    def end(self, status: str, pending_dir: Path | None = None) -> Path | None:
+        """Flush and close the run with `status`. If the store still does not answer, what it
+        never received goes to pending_dir/mlflow_pending.json (returned), with one warning."""
         if not self.client:
-            return
-        try:
-            self.flush()
-        finally:
-            self.client.set_terminated(self.run_id, status=status)
+            return None
+        self.flush()
+        self._submit("status", status, force=True)
+        if not self._pending:
+            return None
+        if pending_dir is None:
+            log.warning("tracking: %s did not answer; %d MLflow calls of run %s are lost (%s)", redact(self.uri),
+                        len(self._pending), self.run_id, self.problem)
+            return None
+        path = Path(pending_dir) / PENDING_FILE
+        write_pending(path, self.uri, self.run_id, self._pending)
+        log.warning("tracking: %s did not answer (%s); %s holds what MLflow run %s has not received (%d metric "
+                    "points, the final status %s); send it with `python -m finetune.tracking sync %s`",
+                    redact(self.uri), self.problem, path, self.run_id,
+                    sum(len(p) for k, p in self._pending if k == "metrics"), status, path)
+        return path
+
+
+def _short(e: Exception) -> str:
+    """An MLflow client error in a few words: the HTTP client's messages run to several hundred."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    for needle, say in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                        ("Name or service not known", "unknown host"), ("Connection reset", "connection reset")):
+        if needle in text:
+            return say
+    return redact(text)[:200]
+
+
+def write_pending(path: Path, uri: str, run_id: str, pending: list[tuple]) -> None:
+    """The calls a run could not make, in order, as JSON (metric points as key/value/timestamp/step)."""
+    import json
+
+    calls = []
+    for kind, payload in pending:
+        if kind == "metrics":
+            payload = [[m.key, m.value, m.timestamp, m.step] for m in payload]
+        calls.append([kind, payload])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"uri": uri, "run_id": run_id, "calls": calls}, indent=0))
+    tmp.replace(path)
+
+
+def sync(path: Path, uri: str | None = None) -> int:
+    """Send a mlflow_pending.json to its run (at `uri`, default the one recorded); the file is
+    removed once everything is sent. Returns the number of calls sent."""
+    import json
+
+    from mlflow.entities import Metric
+
+    data = json.loads(Path(path).read_text())
+    t = Tracker()
+    from mlflow.tracking import MlflowClient
+
+    t.uri = use_credentials(uri or data["uri"])
+    t.client, t.run_id = MlflowClient(t.uri), data["run_id"]
+    for kind, payload in data["calls"]:
+        if kind == "metrics":
+            payload = [Metric(k, v, ts, step) for k, v, ts, step in payload]
+        elif kind == "artifact":
+            payload = tuple(payload)
+        t._send(kind, payload)     # raises if the store still does not answer: the file stays
+    Path(path).unlink()
+    return len(data["calls"])
 
 
 def sanitize(name: str) -> str:
     """MLflow metric names allow alphanumerics and _ - . space / ; map anything else to _."""
     return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in name)
+
+
+def main(argv=None) -> int:
+    """python -m finetune.tracking sync <run dir>/mlflow_pending.json [--tracking-uri URI]"""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m finetune.tracking",
+                                description="send what a run could not log while its MLflow store was away")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sync", help="send a run dir's mlflow_pending.json to its MLflow run")
+    s.add_argument("file", type=Path)
+    s.add_argument("--tracking-uri", default=None, help="default: the URI recorded in the file")
+    args = p.parse_args(argv)
+    try:
+        n = sync(args.file, args.tracking_uri)
+    except Exception as e:
+        print(f"finetune.tracking: error: {args.file}: {_short(e)}", file=sys.stderr)
+        return 1
+    print(f"sent {n} MLflow calls from {args.file}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -354,3 +354,44 @@ def test_contest_style_needs_generated_answers():
         resolve(_compose(["dataset.style=contest"]))
     assert resolve(_compose(["dataset.style=contest", "eval=contest"])).eval.mc.method == "generate"
     assert resolve(_compose(["dataset.style=contest", "stages=[prepare,train]"])).dataset.style == "contest"
+
+
+def test_bad_input_file_contents_fail_at_start_up(tmp_path):
+    """Not only existence: a SQuAD file that is not SQuAD JSON, general records that are not Alpaca,
+    an adapter that is not a checkpoint and a dataset.encoding Python does not know each fail before
+    any data is prepared, in one line naming the key and the file."""
+    from finetune.app import start_up_checks
+    from finetune.errors import UserError
+
+    notjson = tmp_path / "dev.json"
+    notjson.write_text("{not json")
+    nosquad = tmp_path / "other.json"
+    nosquad.write_text('{"version": "1.1", "data": [{"title": "t"}]}')
+    badgeneral = tmp_path / "general.json"
+    badgeneral.write_text('[{"instruction": "x"}]')
+    badadapter = tmp_path / "adapter.ckpt"
+    badadapter.write_bytes(b"\x00" * 64)
+    cases = [([f"eval.squad.path={notjson}"], f"eval.squad.path: {notjson}: not valid UTF-8 JSON"),
+             ([f"eval.squad.path={nosquad}"], "eval.squad.path: "),
+             ([f"dataset.general.path={badgeneral}"], f"dataset.general.path: {badgeneral}"),
+             (["stages=[evaluate]", f"eval.adapter={badadapter}"], f"eval.adapter: cannot read {badadapter}")]
+    for overrides, needle in cases:
+        with pytest.raises(UserError) as e:
+            start_up_checks(resolve(_compose(overrides)), tmp_path / "run", frozenset())
+        assert str(e.value).startswith(needle) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match="dataset.encoding='latin-9x': not a text encoding"):
+        resolve(_compose(["dataset.encoding=latin-9x"]))
+
+
+def test_output_folders_in_the_way_of_a_file_are_one_line(tmp_path):
+    """Hydra creates the run dir itself and would stop with a traceback; `finetune` checks first."""
+    from finetune.app import output_path_problem
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert output_path_problem([f"output_root={f}"]) == f"output_root={f}: {f} is a file, not a folder; choose another output_root"
+    assert f"{f} is a file" in output_path_problem([f"output_root={tmp_path}", f"hydra.run.dir={f}/run"])
+    assert output_path_problem([f"output_root={tmp_path / 'new' / 'deeper'}"]) is None
+    proc, _ = _cli([f"output_root={f}"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"finetune: error: output_root={f}: {f} is a file, not a folder; choose another output_root"]

@@ -114,9 +114,9 @@ def _cmmlu_tree(root: Path, test: str | bytes = CMMLU_GOOD) -> Path:
     return root
 
 
-def _error(fn, *args) -> str:
+def _error(fn, *args, **kwargs) -> str:
     with pytest.raises(DataError) as ei:
-        fn(*args)
+        fn(*args, **kwargs)
     msg = str(ei.value)
     assert "\n" not in msg, "DataError messages must be one line"
     return msg
@@ -219,7 +219,8 @@ def test_neither_utf8_nor_gbk(tmp_path):
     f.write_bytes("Café?,1,2,3,4,A\n".encode("latin-1"))
     with pytest.raises(DataError) as ei:
         read_text(f)
-    assert str(ei.value) == f"{f}: not UTF-8 (byte 0xe9 at offset 3) and not GBK/GB18030 text; re-save it as UTF-8"
+    assert str(ei.value) == (f"{f}: not UTF-8 (byte 0xe9 at offset 3) and not GBK/GB18030 text; re-save it as "
+                             "UTF-8, or set dataset.encoding")
     # Valid GB18030 bytes (a 4-byte code for U+0080) but no Chinese text: still rejected.
     g = tmp_path / "junk.csv"
     g.write_bytes(b"Q?,1,2,3,4,A\n\x81\x30\x81\x30\n")
@@ -227,6 +228,35 @@ def test_neither_utf8_nor_gbk(tmp_path):
     # And through a reader.
     msg = _error(read_mmlu, _mmlu_tree(tmp_path / "m", "Café?,1,2,3,4,A\n".encode("latin-1")))
     assert "math_test.csv: not UTF-8" in msg
+
+
+def test_latin1_that_also_decodes_as_gbk_is_not_read_as_mojibake(tmp_path):
+    # "écrit" and "Misérables" in Latin-1 are valid GBK bytes ("閏rit", "Mis閞ables"): refused,
+    # naming the way out; with dataset.encoding=latin-1 the text reads as written.
+    row = "Qui a écrit Les Misérables?,Hugo,Zola,Camus,Sartre,A\n"
+    assert "閏" in row.encode("latin-1").decode("gb18030")
+    root = _mmlu_tree(tmp_path / "m", row.encode("latin-1"))
+    msg = _error(read_mmlu, root)
+    assert "math_test.csv: not UTF-8 (byte 0xe9 at offset 6); it decodes as GBK but looks like Latin-1" in msg
+    assert "dataset.encoding=latin-1" in msg
+    assert read_mmlu(root, encoding="latin-1")["test"][0].question == "Qui a écrit Les Misérables?"
+    # a declared encoding that does not fit is one line too
+    assert "not utf-8 (byte 0xe9 at offset 6); check dataset.encoding" in _error(read_mmlu, root, encoding="utf-8")
+
+
+def test_unreadable_csv_is_one_line(tmp_path):
+    """A symlink to itself (or a dangling one) among the CSVs: one line naming it, from the input
+    fingerprint (the first thing that reads every file) and from the reader."""
+    from finetune.prepare import _input_fingerprint
+    from omegaconf import OmegaConf
+
+    root = _mmlu_tree(tmp_path / "m")
+    loop = root / "test" / "loop_test.csv"
+    loop.symlink_to(loop.name)
+    assert f"{loop}: cannot be read (Too many levels of symbolic links)" in _error(read_mmlu, root)
+    ds = OmegaConf.create({"name": "mmlu", "path": str(root), "general": {"path": None}})
+    with pytest.raises(DataError, match="loop_test.csv: cannot be read"):
+        _input_fingerprint(ds)
 
 
 def test_cmmlu_header_missing_answer(tmp_path):
@@ -280,3 +310,22 @@ def test_predict_csv_layout_follows_the_dataset_not_the_prompt_style():
     assert recs[0]["prompt"].startswith("Here is a question about")
     assert f"Question: {first.question} \nA.{first.choices[0]}\n" in recs[0]["prompt"]
     assert len(recs) == sum(1 for _ in f.open(encoding="utf-8")) - 1
+
+
+def test_duplicate_questions_are_kept_out_of_eval(mmlu):
+    """MMLU's test split holds 105 repeated questions (same question and options, up to case and
+    whitespace). With train_split == eval_split, the hash holdout can put one copy in training and
+    another in eval: those are left out of eval, as are repeats within eval."""
+    from finetune.prepare import _holdout, drop_duplicates
+
+    def q(i, text, choices=("1", "2", "3", "4")):
+        return Question(f"x/test/s/{i}", "s", text, choices, "A", f"f.csv:{i}")
+
+    train = [q(0, "What is 2+2?"), q(1, "Capital of France?")]
+    evalq = [q(2, "what is  2+2? "), q(3, "Capital of France?", ("a", "b", "c", "d")), q(4, "New?"), q(5, "NEW?")]
+    kept, in_train, repeated = drop_duplicates(train, evalq)
+    assert [x.id for x in kept] == ["x/test/s/3", "x/test/s/4"] and (in_train, repeated) == (1, 1)
+    test = mmlu["test"]
+    evalq = [x for x in test if _holdout(x, 0.2)]
+    kept, in_train, repeated = drop_duplicates([x for x in test if not _holdout(x, 0.2)], evalq)
+    assert (len(evalq), in_train, repeated, len(kept)) == (2876, 31, 6, 2839)

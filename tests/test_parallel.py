@@ -13,8 +13,8 @@ from finetune.data.mindrecord import read_shards, write_shards
 
 # conftest's reference run (the QUICK demo: 96 training questions -> 6 global batches of 16 per
 # epoch; 30 steps cross four epoch boundaries, a new batch order each epoch; dropout off) on two
-# workers with half the batch each. master_port=0: a free port.
-ARGS = [*REFERENCE, "parallel=dp2", "train.batch_size=8", "parallel.master_port=0"]
+# workers with half the batch each. The master port is a free one (the default, parallel.master_port=0).
+ARGS = [*REFERENCE, "parallel=dp2", "train.batch_size=8"]
 
 
 def _losses(run_dir: Path) -> np.ndarray:
@@ -134,5 +134,5 @@ def test_world_size_must_split_over_nodes():
     from finetune.launch import local_workers
 
     with pytest.raises(ConfigError, match="parallel.nodes=3"):
-        resolved(["parallel=dp4", "parallel.nodes=3"])
-    assert local_workers(resolved(["parallel=dp8", "parallel.nodes=2"]).parallel) == 4
+        resolved(["parallel=dp4", "parallel.nodes=3", "parallel.master_port=8118"])
+    assert local_workers(resolved(["parallel=dp8", "parallel.nodes=2", "parallel.master_port=8118"]).parallel) == 4

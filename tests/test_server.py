@@ -37,31 +37,44 @@ def rest(uri: str, path: str, **query) -> dict:
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
-    port = free_port()
-    log = open(tmp / "server.log", "w")
+def start_server(tmp: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port with its store and artifacts in tmp, answering /health."""
+    log = open(tmp / "server.log", "a")
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
                              "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1"],
                             cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
     uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240      # imports + creating the database take a while on a busy machine
-        while server_problem(uri, timeout=2) is not None:
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"mlflow server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
-            time.sleep(1)
-        yield uri, tmp
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)   # the server's own process group (uvicorn + job runner)
+    deadline = time.time() + 240      # imports + creating the database take a while on a busy machine
+    while server_problem(uri, timeout=2) is not None:
+        if proc.poll() is not None or time.time() > deadline:
+            stop_server(proc)
+            pytest.fail(f"mlflow server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
+        time.sleep(1)
+    return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Kill the server's whole process group (uvicorn + its workers) at once: an outage, not a
+    graceful shutdown (which takes uvicorn several seconds)."""
+    if proc.poll() is None:
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    port = free_port()
+    proc = start_server(tmp, port)
+    try:
+        yield f"http://127.0.0.1:{port}", tmp, proc
+    finally:
+        stop_server(proc)
 
 
 def _finetune(tmp: Path, args: list[str], run: str = "run") -> subprocess.CompletedProcess:
@@ -80,7 +93,7 @@ def test_job_logs_to_the_server(server):
     """...with credentials in the URI (the server has no auth and ignores them): they reach MLflow
     and appear nowhere the run writes or prints — params, tags, config files, .hydra/, the report,
     the log, the artifacts, the server's database."""
-    uri, tmp = server
+    uri, tmp, _ = server
     with_password = uri.replace("http://", f"http://alice:{SECRET}@")
     proc = _finetune(tmp, [*TINY, "stages=[prepare,evaluate]", f"tracking.uri={with_password}", "tracking.experiment=srv"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -148,7 +161,7 @@ def test_local_uris_are_not_probed(tmp_path):
 
 
 def test_server_problem_names_what_answered(server):
-    uri, _ = server
+    uri, _, _ = server
     assert server_problem(uri) is None
     assert server_problem(uri + "/") is None
 
@@ -168,3 +181,100 @@ def test_server_problem_names_what_answered(server):
         httpd.shutdown()
         httpd.server_close()
     assert "refused" in server_problem(f"http://127.0.0.1:{free_port()}").lower()
+
+
+def _metric_history(uri: str, run_id: str, key: str) -> list[int]:
+    return sorted(int(m["step"]) for m in rest(uri, "metrics/get-history", run_id=run_id, metric_key=key,
+                                                 max_results=1000).get("metrics", []))
+
+
+def test_tracker_keeps_what_a_frozen_server_misses_and_sends_it_when_it_answers(server, monkeypatch, caplog):
+    """The server stops answering (SIGSTOP: requests time out) in the middle of a run: each call
+    waits at most MLFLOW_HTTP_REQUEST_TIMEOUT once, nothing is retried for minutes, and when the
+    server answers again (SIGCONT) every kept point is sent, in order."""
+    from finetune import tracking
+
+    uri, _, proc = server
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking, "RETRY_EVERY", 0.0)
+    t = tracking.Tracker(uri, "outage", "frozen")
+    t.log_metrics({"loss": 1.0}, step=1)
+    t.flush()
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.time()
+        with caplog.at_level(logging.INFO, logger="finetune.tracking"):
+            for step in range(2, 5):
+                t.log_metrics({"loss": float(step)}, step=step)
+                t.flush()
+            assert t.offline and time.time() - t0 < 20
+            t.set_tags({"during": "outage"})
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+    with caplog.at_level(logging.INFO, logger="finetune.tracking"):
+        t.log_metrics({"loss": 5.0}, step=5)
+        t.flush()
+        assert t.end("FINISHED") is None and not t.offline
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("stopped answering" in m for m in messages) == 1 and any("answers again" in m for m in messages)
+    assert _metric_history(uri, t.run_id, "loss") == [1, 2, 3, 4, 5]
+    got = rest(uri, "runs/get", run_id=t.run_id)["run"]
+    assert got["info"]["status"] == "FINISHED"
+    assert {tag["key"]: tag["value"] for tag in got["data"]["tags"]}["during"] == "outage"
+
+
+def test_a_server_outage_costs_no_training_and_loses_nothing(server, tmp_path):
+    """The tracking server is killed at step 4 of 24 and stays down to the end of the job: training
+    goes on (no minutes of retries), the job FINISHES, and what MLflow did not receive is kept in the
+    run dir with one message; after the server restarts, `python -m finetune.tracking sync` delivers
+    it: every step's loss, the final metrics and status. (The module's last test: it takes the
+    module's server down.)"""
+    uri, store, server = server
+    port = int(uri.rsplit(":", 1)[1])
+    run = tmp_path / "run"
+    cmd = [str(BIN / "finetune"), f"output_root={tmp_path}", f"hydra.run.dir={run}", *TINY, "stages=[prepare,train]",
+           "train.epochs=4", "tracking.experiment=outage", f"tracking.uri={uri}"]
+    err = open(tmp_path / "job.out", "w")
+    job = subprocess.Popen(cmd, cwd=tmp_path, stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        log = run / "train_log.csv"
+        while not (log.is_file() and len(log.read_text().splitlines()) > 4):
+            assert job.poll() is None and time.time() < deadline, (tmp_path / "job.out").read_text()[-3000:]
+            time.sleep(0.2)
+        stop_server(server)
+        stopped = time.time()
+        job.wait(timeout=300)
+        after_stop = time.time() - stopped
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        err.close()
+    stderr = (tmp_path / "job.out").read_text()   # the job's terminal: stdout and stderr
+    assert job.returncode == 0, stderr[-3000:]
+    assert after_stop < 90, f"the job took {after_stop:.0f} s after the server stopped"
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "FINISHED" and s["train_steps"] == 24
+    pending = run / "mlflow_pending.json"
+    assert s["tracking_pending"] == str(pending) and pending.is_file()
+    lines = stderr.replace("\r", "\n").splitlines()
+    assert sum("stopped answering (connection " in line and "training goes on" in line for line in lines) == 1
+    assert sum(f"{run}/mlflow_pending.json holds what MLflow run" in line for line in lines) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+
+    server = start_server(store, port)   # the same store, back
+    try:
+        proc = subprocess.run([sys.executable, "-m", "finetune.tracking", "sync", str(pending)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not pending.exists()
+        got = rest(uri, "runs/get", run_id=s["mlflow_run_id"])["run"]
+        assert got["info"]["status"] == "FINISHED"
+        assert _metric_history(uri, s["mlflow_run_id"], "train_loss") == list(range(1, 25))
+        metrics = {m["key"]: m["value"] for m in got["data"]["metrics"]}
+        assert metrics["train_steps"] == 24 and metrics["train_loss_last"] == pytest.approx(s["train_loss_last"])
+        files = {f["path"] for f in rest(uri, "artifacts/list", run_id=s["mlflow_run_id"])["files"]}
+        assert {"summary.json", "config_resolved.yaml"} <= files
+    finally:
+        stop_server(server)

@@ -2,6 +2,7 @@ from collections import Counter
 
 import pytest
 
+from conftest import shared_path
 from finetune.data import demo
 from finetune.data.prompts import build_prompt, target
 from finetune.tokenizer import TokenizerError, load_tokenizer
@@ -65,3 +66,26 @@ def test_demo_prompt_fits_tiny_model():
 def test_demo_bad_size():
     with pytest.raises(ValueError, match="num_words"):
         demo.build_world(10, seed=0)
+
+
+def test_wrong_or_corrupt_tokenizer_files_are_one_line(tmp_path):
+    """A SentencePiece model given as tiktoken and the reverse each name the file and the fix; a
+    corrupt SentencePiece file names the file (not sentencepiece's 'could not parse ModelProto')."""
+    from finetune.errors import TokenizerError
+    from finetune.tokenizer import load_tokenizer
+
+    spm = shared_path("tokenizers", "internlm_v7_sft.model")
+    rank_file = shared_path("tokenizers", "cl100k_base.tiktoken")
+    corrupt = tmp_path / "tokenizer.model"
+    corrupt.write_bytes(spm.read_bytes()[:1000])
+    cases = [("tiktoken", spm, f"{spm} is not a tiktoken rank file (binary byte 0xcc at offset 4405; expected lines "
+                               "'base64token rank'); a SentencePiece tokenizer.model? use model.tokenizer.kind=sentencepiece"),
+             ("sentencepiece", rank_file, f"{rank_file} is not a SentencePiece model"),
+             ("sentencepiece", corrupt, f"{corrupt} is not a SentencePiece model")]
+    for kind, path, needle in cases:
+        with pytest.raises(TokenizerError) as e:
+            load_tokenizer(kind, str(path))
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert str(e.value).startswith("model.tokenizer.path: ")
+    with pytest.raises(TokenizerError, match="it is a tiktoken rank file: use model.tokenizer.kind=tiktoken"):
+        load_tokenizer("sentencepiece", str(rank_file))

@@ -9,7 +9,7 @@ SPLITS = ("dev", "val", "test")
 _WHAT = "question,A,B,C,D,answer"
 
 
-def read_mmlu(path: str | Path) -> dict[str, list[Question]]:
+def read_mmlu(path: str | Path, encoding: str | None = None) -> dict[str, list[Question]]:
     """Map each present split ("dev", "test" required, "val" optional) to its questions,
     sorted by (subject, row)."""
     root = check_root(path, "MMLU")
@@ -20,14 +20,15 @@ def read_mmlu(path: str | Path) -> dict[str, list[Question]]:
             continue
         # Sort by subject, not file name: "x_dev.csv" vs "x_y_dev.csv" order can differ.
         out[split] = [q for f in sorted(files, key=lambda f: _subject(f, split))
-                      for q in read_mmlu_file(f, split, _subject(f, split))]
+                      for q in read_mmlu_file(f, split, _subject(f, split), encoding=encoding)]
     return out
 
 
-def read_mmlu_file(f: Path, split: str, subject: str, answer_required: bool = True) -> list[Question]:
+def read_mmlu_file(f: Path, split: str, subject: str, answer_required: bool = True,
+                   encoding: str | None = None) -> list[Question]:
     """One MMLU CSV. answer_required=False (predict's input) also takes 5 columns; the answer, if
     any, is then not read: such questions carry the placeholder answer 'A', which nothing reads."""
-    df, lines = load_csv(f, header=None, width=None if not answer_required else 6, what=_WHAT)
+    df, lines = load_csv(f, header=None, width=None if not answer_required else 6, what=_WHAT, encoding=encoding)
     if df.shape[1] not in ((6,) if answer_required else (5, 6)):
         raise DataError(f"{f}:{lines[0]}: expected {'6' if answer_required else '5 or 6'} columns "
                         f"({_WHAT if answer_required else 'question,A,B,C,D[,answer]'}), found {df.shape[1]}")

@@ -31,10 +31,33 @@ class Question:
     source: str  # "path/to/file.csv:LINE", LINE = 1-based editor line where the row starts
 
 
-def read_text(path: str | Path) -> str:
-    """Decode a data file: UTF-8 (BOM stripped), else GBK/GB18030 if it really is Chinese text."""
+def read_bytes(path: str | Path) -> bytes:
+    """A data file's bytes; a broken or looping symlink, a folder or an unreadable file is a DataError."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e}); expected a CSV file") from None
+
+
+def looks_latin1(raw: bytes) -> bool:
+    """Plausibly Latin-1 / cp1252 text rather than GBK: GBK writes every Chinese character as two
+    bytes >= 0x81, so its non-ASCII bytes come in runs of two or more; Latin-1 text in a European
+    language has mostly single accented letters between ASCII ones ("caf\xe9 cr\xe8me")."""
+    runs = [len(m) for m in re.findall(rb"[\x80-\xff]+", raw)]
+    return bool(runs) and sum(1 for n in runs if n == 1) > 0.5 * len(runs)
+
+
+def read_text(path: str | Path, encoding: str | None = None) -> str:
+    """Decode a data file: `encoding` when given (dataset.encoding); else UTF-8 (BOM stripped),
+    else GBK/GB18030 when the bytes really are Chinese text and not plausibly Latin-1."""
     path = Path(path)
-    raw = path.read_bytes()
+    raw = read_bytes(path)
+    if encoding:
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not {encoding} (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                            "check dataset.encoding") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -43,16 +66,17 @@ def read_text(path: str | Path) -> str:
         text = raw.decode("gb18030")  # superset of GBK, so covers both encodings in the wild
     except UnicodeDecodeError:
         text = None
+    bad = utf8_error.object[utf8_error.start]
+    where = f"{path}: not UTF-8 (byte 0x{bad:02x} at offset {utf8_error.start})"
     # GB18030 decodes many non-Chinese byte strings (e.g. Latin-1 "été") to stray
-    # ideographs-or-symbols; requiring at least one CJK ideograph rejects most of them.
+    # ideographs-or-symbols: it must contain a CJK ideograph and not look like Latin-1.
     if text is not None and _CJK.search(text):
+        if looks_latin1(raw):
+            raise DataError(f"{where}; it decodes as GBK but looks like Latin-1 text (single accented "
+                            "letters); set dataset.encoding=latin-1 (or gbk, or re-save it as UTF-8)")
         log.warning("%s: not UTF-8, decoded as GBK/GB18030; consider re-saving it as UTF-8", path)
         return text
-    bad = utf8_error.object[utf8_error.start]
-    raise DataError(
-        f"{path}: not UTF-8 (byte 0x{bad:02x} at offset {utf8_error.start}) "
-        "and not GBK/GB18030 text; re-save it as UTF-8"
-    )
+    raise DataError(f"{where} and not GBK/GB18030 text; re-save it as UTF-8, or set dataset.encoding")
 
 
 def _one_line(msg: str) -> str:
@@ -60,7 +84,7 @@ def _one_line(msg: str) -> str:
 
 
 def load_csv(
-    path: Path, *, header: tuple[str, ...] | None, width: int | None, what: str
+    path: Path, *, header: tuple[str, ...] | None, width: int | None, what: str, encoding: str | None = None
 ) -> tuple[pd.DataFrame, list[int]]:
     """Parse `path` with pandas (all cells str, "None"/"NA" kept as text).
 
@@ -71,7 +95,7 @@ def load_csv(
     `what` describes them for errors. pandas silently pads short rows with "", hence the
     field count check on a csv scan of the same text.
     """
-    text = read_text(path)
+    text = read_text(path, encoding)
     records = []  # (start line, fields) of each non-blank record, as pandas sees them
     reader = csv.reader(io.StringIO(text, newline=""))
     prev_end = 0
