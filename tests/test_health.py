@@ -30,10 +30,13 @@ def test_diverged_training_fails_with_one_line(quick_root, scale, stop):
     summary = json.loads((quick_root / run / "summary.json").read_text())
     assert summary["status"] == "FAILED" and summary["error"].startswith(f"training diverged at step {stop}")
     assert "mc_accuracy" not in summary and not (quick_root / run / "adapter.ckpt").exists()
+    # what finished before the failure stays: the prepare stage's figures, in summary.json and MLflow
+    assert summary["train_questions"] == 96 and summary["prepare_seconds"] >= 0
     # the checkpoint of step 1 (finite loss) is kept; nothing from the steps after it
     assert [e["step"] for e in read_index(quick_root / run / "checkpoints")] == list(range(1, stop))
     client = MlflowClient(f"sqlite:///{quick_root / 'mlflow.db'}")
     assert client.get_run(summary["mlflow_run_id"]).info.status == "FAILED"
+    assert client.get_run(summary["mlflow_run_id"]).data.metrics["train_questions"] == 96
     counts = client.get_metric_history(summary["mlflow_run_id"], "train_nonfinite_steps")
     assert [(m.step, m.value) for m in counts][-1] == (stop, stop - 1)
 
