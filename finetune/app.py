@@ -30,6 +30,7 @@ from .errors import LaunchError, UserError
 from .evaluate import evaluate
 from .export import export
 from .launch import init_worker, is_worker, launch, rank, world_size
+from .lineage import dataset_inputs, to_mlflow
 from .logs import quiet_libraries
 from .memory import peak_rss_gb
 from .merge import merge
@@ -144,6 +145,11 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         t0 = time.time()
         tok, prepared, base, how = artifacts(cfg, tracker, run_dir, verbose)
         summary["setup_peak_rss_gb"] = peak_rss_gb()   # tokenizer, prepared data, base weights
+        if prepared is not None:   # what the run trains and is scored on, with content digests
+            inputs = dataset_inputs(cfg, prepared)
+            tracker.log_inputs(to_mlflow(inputs))
+            summary["datasets"] = {d["name"]: {"digest": d["digest"], "context": d["context"], "rows": len(d["frame"]),
+                                               "source": d["source"]} for d in inputs}
         if base is not None:
             summary.update(base_checkpoint=str(base), base_source=how)
             tracker.set_tags({"base_checkpoint": str(base), "base_source": how})

@@ -217,6 +217,8 @@ class Tracker:
                 self.client.log_artifacts(self.run_id, str(path), artifact_path)
             elif Path(path).exists():
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
+        elif kind == "inputs":
+            self.client.log_inputs(self.run_id, datasets=payload)
         elif kind == "status":
             self.client.set_terminated(self.run_id, status=payload)
 
@@ -268,6 +270,11 @@ class Tracker:
         if self.client:
             self._submit("tags", {k: redact(v) for k, v in tags.items()})
 
+    def log_inputs(self, datasets: list) -> None:
+        """MLflow DatasetInput entities (finetune/lineage.py)."""
+        if self.client and datasets:
+            self._submit("inputs", list(datasets))
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.client and Path(path).exists():
             self._submit("artifact", (str(path), artifact_path))
@@ -312,6 +319,8 @@ def write_pending(path: Path, uri: str, run_id: str, pending: list[tuple]) -> No
     for kind, payload in pending:
         if kind == "metrics":
             payload = [[m.key, m.value, m.timestamp, m.step] for m in payload]
+        elif kind == "inputs":
+            payload = [d.to_dictionary() for d in payload]
         calls.append([kind, payload])
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"uri": uri, "run_id": run_id, "calls": calls}, indent=0))
@@ -336,6 +345,10 @@ def sync(path: Path, uri: str | None = None) -> int:
             payload = [Metric(k, v, ts, step) for k, v, ts, step in payload]
         elif kind == "artifact":
             payload = tuple(payload)
+        elif kind == "inputs":
+            from mlflow.entities import DatasetInput
+
+            payload = [DatasetInput.from_dictionary(d) for d in payload]
         t._send(kind, payload)     # raises if the store still does not answer: the file stays
     Path(path).unlink()
     return len(data["calls"])

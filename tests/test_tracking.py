@@ -193,3 +193,36 @@ def test_redact_params_by_key_name_and_value():
         "tracking.uri": "http://a:***@c", "x.api_key": "***", "x.secret": "None", "eval.squad.max_new_tokens": "16"}
     assert split_credentials("http://u:p%40ss@h:1/x") == ("http://h:1/x", "u", "p@ss")
     assert split_credentials("sqlite:////u:p@x.db") == ("sqlite:////u:p@x.db", None, None)
+
+
+def test_dataset_inputs_name_source_digest_and_context(store, tmp_path):
+    """Two runs on the same prepared data log the same digests; the run page lists the training
+    set (context training), the evaluation set and the SQuAD set (context evaluation) with their
+    sources, row counts and schemas."""
+    import json
+
+    from conftest import QUICK, resolved
+    from finetune.lineage import dataset_inputs, to_mlflow
+    from finetune.prepare import prepare
+    from finetune.tokenizer import load_tokenizer
+
+    cfg = resolved([*QUICK, f"output_root={tmp_path}", "dataset.demo.squad_questions=10"])
+    prepared = prepare(cfg, load_tokenizer("tiktoken", None))
+    runs = []
+    for _ in range(2):
+        t = _tracker(store, "lineage")
+        t.log_inputs(to_mlflow(dataset_inputs(cfg, prepared)))
+        t.end("FINISHED")
+        runs.append(MlflowClient(store[1]).get_run(t.run_id).inputs.dataset_inputs)
+    digest = prepared.name.rsplit("-", 1)[1]
+    for inputs in runs:
+        got = {d.dataset.name: (d.dataset.digest, {tag.key: tag.value for tag in d.tags}["mlflow.data.context"],
+                                json.loads(d.dataset.profile)["num_rows"]) for d in inputs}
+        assert got == {"demo-train": (digest, "training", 96), "demo-test": (digest, "evaluation", 24),
+                       "squad-squad": (got["squad-squad"][0], "evaluation", 10)}
+        squad = next(d.dataset for d in inputs if d.dataset.name == "squad-squad")
+        assert json.loads(squad.source)["uri"] == str(prepared / "squad.json")
+        assert "question" in squad.schema and "generated demo" in next(
+            d.dataset.source for d in inputs if d.dataset.name == "demo-train")
+    assert [sorted((d.dataset.name, d.dataset.digest) for d in r) for r in runs][0] == \
+        [sorted((d.dataset.name, d.dataset.digest) for d in r) for r in runs][1]
