@@ -123,12 +123,14 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         return {}
     output_root = Path(cfg.output_root).resolve()
     uri = resolve_uri(cfg.tracking, output_root)   # an http(s) server must answer first
+    summary_path = run_dir / "summary.json"
     tracker = Tracker(uri, cfg.tracking.experiment, cfg.tracking.run_name or run_dir.name,
                       artifact_root=output_root / "mlartifacts" if not cfg.tracking.uri else None,
                       tags={"dataset": cfg.dataset.name, "model": cfg.model.name,
                             "hardware": cfg.hardware.device_target, "stages": ",".join(cfg.stages),
-                            "run_dir": str(run_dir)})
-    summary_path = run_dir / "summary.json"
+                            "run_dir": str(run_dir)},
+                      resume_run_id=training_run_id(summary_path, uri) if "train" in cfg.stages and cfg.train.resume
+                      else None)
     summary = {"status": "RUNNING", "stages": list(cfg.stages), "mlflow_run_id": tracker.run_id, "mlflow_uri": uri,
                "run_dir": str(run_dir), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "runs": earlier_runs(summary_path)}
@@ -219,6 +221,21 @@ def mark_failed(summary_path: Path, error: Exception) -> None:
             client.set_terminated(summary["mlflow_run_id"], status="FAILED")
         except Exception as e:   # the tracking store is not what failed; say so and keep the original error
             log.warning("could not mark MLflow run %s FAILED: %s", summary["mlflow_run_id"], e)
+
+
+def training_run_id(summary_path: Path, uri: str) -> str | None:
+    """The MLflow run of the training that train.resume=true continues: the newest run of this run
+    dir (summary.json, then its `runs` history) that trained and logged to the same store."""
+    if not summary_path.is_file():
+        return None
+    try:
+        summary = json.loads(summary_path.read_text())
+    except ValueError:
+        return None
+    for run in [summary, *reversed(summary.get("runs", []))]:
+        if "train" in run.get("stages", []) and run.get("mlflow_uri") == uri and run.get("mlflow_run_id"):
+            return run["mlflow_run_id"]
+    return None
 
 
 def earlier_runs(summary_path: Path) -> list[dict]:

@@ -142,6 +142,9 @@ def flatten(d, prefix: str = "") -> dict[str, str]:
 # 7 retries with backoff, minutes for a server that is down) and a short timeout. Set for http(s)
 # stores only, unless the user set them.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# Errors with which a store that answered refuses a call (sending it again would not help)
+REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
+            "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
 RETRY_EVERY = 15.0       # seconds between attempts to reach a store that stopped answering
 PENDING_FILE = "mlflow_pending.json"
 
@@ -154,14 +157,19 @@ class Tracker:
     <run dir>/mlflow_pending.json, which `python -m finetune.tracking sync FILE` sends later."""
 
     def __init__(self, uri: str | None = None, experiment: str = "finetune", run_name: str | None = None,
-                 artifact_root: Path | None = None, tags: dict | None = None):
+                 artifact_root: Path | None = None, tags: dict | None = None, resume_run_id: str | None = None):
+        """resume_run_id: continue that run (train.resume=true): reopened RUNNING, its step metrics
+        continue where they stopped. If it is gone from the store, a new run tagged with its id."""
         self.client, self.run_id, self._buffer = None, None, []
+        self.resumed = False
+        self._skip_through = 0              # step metrics at or before this step are already logged
         self._pending: list[tuple] = []     # ("params" | "tags" | "artifact", payload) not yet sent
         self._offline_since: float | None = None
         self._last_try = 0.0
         self.problem: str | None = None     # the last error from the store, while offline
         if uri is None:
             return
+        from mlflow.entities import RunTag
         from mlflow.tracking import MlflowClient
 
         if uri.startswith(("http://", "https://")):
@@ -190,9 +198,43 @@ class Tracker:
             # with tracking.run_name set, every job would share the sweep's name.
             if run_name in (None, tags.get("sweep_job"), sweep["name"]):
                 run_name = f"{sweep['name']}-{tags.get('sweep_job', '?')}"
+        self.uri = uri
+        if resume_run_id and self._reopen(resume_run_id):
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()
+                                                     if not k.startswith("mlflow.")])
+            return
+        if resume_run_id:
+            tags["resumed_from_run_id"] = resume_run_id
         run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
-        self.uri = uri
+
+    def _reopen(self, run_id: str) -> bool:
+        """Continue an earlier run of this run dir: RUNNING again, the same id."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:   # deleted, or another store
+            log.warning("tracking: MLflow run %s of the interrupted training is not in %s; a new run is opened, "
+                        "tagged resumed_from_run_id", run_id, redact(self.uri))
+            return False
+        if run.info.lifecycle_stage != "active":
+            return False
+        self.client.update_run(run_id, status="RUNNING")
+        self.run_id, self.resumed = run_id, True
+        log.info("tracking: continuing MLflow run %s", run_id)
+        return True
+
+    def continue_steps(self, key: str) -> int:
+        """On a reopened run: the last step already logged for step metric `key`; later step metrics
+        at or before it are not logged again (a resumed run recomputes the steps after its
+        checkpoint, which the interrupted run may have logged). 0 for a new run."""
+        if not self.resumed:
+            return 0
+        try:
+            history = self.client.get_metric_history(self.run_id, key)
+        except Exception:
+            return 0
+        self._skip_through = max((m.step for m in history), default=0)
+        return self._skip_through
 
     @property
     def offline(self) -> bool:
@@ -232,7 +274,12 @@ class Tracker:
             kind_, payload_ = self._pending[0]
             try:
                 self._send(kind_, payload_)
-            except Exception as e:   # the store is unreachable or refused: keep it, train on
+            except Exception as e:
+                if getattr(e, "error_code", None) in REJECTED:   # the store answered no: not an outage
+                    log.warning("tracking: MLflow refused %s for run %s: %s", kind_, self.run_id, _short(e))
+                    self._pending.pop(0)
+                    continue
+                # the store is unreachable: keep it, train on
                 if not self.offline:
                     log.warning("tracking: %s stopped answering (%s); training goes on, and what would be logged "
                                 "is kept and sent when it answers again", redact(self.uri), _short(e))
@@ -246,14 +293,30 @@ class Tracker:
             self._offline_since, self.problem = None, None
 
     def log_params(self, params: dict[str, str]) -> None:
-        if self.client:
-            self._submit("params", redact_params(params))
+        """On a reopened run (resume), params it already has are kept (MLflow does not change a
+        param); the keys whose value changed are listed in the tag `resume_changed_params`."""
+        if not self.client:
+            return
+        params = redact_params(params)
+        if self.resumed:
+            try:
+                old = self.client.get_run(self.run_id).data.params
+            except Exception:
+                old = {}
+            changed = sorted(k for k in params if k in old and old[k] != params[k])
+            if changed:
+                self.set_tags({"resume_changed_params": ", ".join(f"{k}={params[k]}" for k in changed)})
+            params = {k: v for k, v in params.items() if k not in old}
+        if params:
+            self._submit("params", params)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.client:
             return
         from mlflow.entities import Metric
 
+        if step is not None and step <= self._skip_through:
+            return
         now = int(time.time() * 1000)
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):

@@ -316,6 +316,14 @@ def train(ctx) -> dict:
         load_adapter(net, ckpt_dir / entry["adapter"], "train.resume")
         resume_state = (entry["step"], ckpt_dir / entry["state"])
         ctx.tracker.set_tags({"resumed_from_step": entry["step"]})
+        # The same MLflow run continues: steps it has are not logged twice, and the steps up to the
+        # checkpoint that the interrupted run computed but never sent (killed between two flushes)
+        # are sent from train_log.csv, so the curve has every step once.
+        logged = ctx.tracker.continue_steps("train_loss")
+        if r == 0 and logged < entry["step"]:
+            for row in _log_rows(run_dir / "train_log.csv", logged + 1, entry["step"]):
+                ctx.tracker.log_metrics({f"train_{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+            ctx.tracker.flush()
     elif r == 0:
         check_fresh_run_dir(cfg, run_dir, clear=True)
         write_run_record(ckpt_dir, settings)
@@ -429,6 +437,18 @@ def resume_point(cfg, run_dir: Path, settings: dict | None = None) -> dict:
                              f"{', '.join(differ)}; resume with the same ones, or start a new run "
                              "(train.overwrite=true, or another hydra.run.dir)")
     return entry
+
+
+def _log_rows(log_file: Path, first: int, last: int) -> list[dict]:
+    """train_log.csv rows of steps first..last, as {column: number}."""
+    if not log_file.is_file():
+        return []
+    lines = log_file.read_text().splitlines()
+    if not lines:
+        return []
+    header = lines[0].split(",")
+    rows = [dict(zip(header, map(float, line.split(",")))) for line in lines[1:] if line]
+    return [r for r in rows if first <= r["step"] <= last]
 
 
 def _logged_losses(log_file: Path) -> list[float]:

@@ -63,6 +63,7 @@ def test_killed_run_resumes_to_the_same_adapter(quick_root, reference_run):
         kill_group(proc)   # SIGKILL: no clean-up of any kind
     steps = [e["step"] for e in read_index(run / "checkpoints")]
     assert 18 in steps and 30 not in steps, steps
+    killed_run_id = json.loads((run / "summary.json").read_text())["mlflow_run_id"]
     # Damage the newest checkpoint: resume must notice (sha256), say so, and use the one before.
     newest = read_index(run / "checkpoints")[-1]
     state = run / "checkpoints" / newest["state"]
@@ -83,6 +84,19 @@ def test_killed_run_resumes_to_the_same_adapter(quick_root, reference_run):
     assert [line.split(",")[0] for line in log[1:]] == [str(i) for i in range(1, 31)]
     np.testing.assert_allclose([float(x.split(",")[1]) for x in log[1:]],
                                [float(x.split(",")[1]) for x in full_log[1:]], atol=1e-6)
+    # ... and so has MLflow: the resumed training continues the killed run's MLflow run (RUNNING
+    # again, then FINISHED), each step's loss once, equal to the uninterrupted run's
+    from mlflow.tracking import MlflowClient
+
+    assert summary["mlflow_run_id"] == killed_run_id
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    got = client.get_run(killed_run_id)
+    assert got.info.status == "FINISHED" and got.data.tags["resumed_from_step"] == str(newest["step"] - 6)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(killed_run_id, "train_loss"))
+    assert [step for step, _ in history] == list(range(1, 31))
+    np.testing.assert_allclose([v for _, v in history], [float(x.split(",")[1]) for x in full_log[1:]], atol=1e-6)
+    assert got.data.params["train.resume"] == "False"   # kept; the change is a tag
+    assert got.data.tags["resume_changed_params"] == "train.resume=True"
 
 
 def test_resume_without_checkpoints_is_one_line(tmp_path):

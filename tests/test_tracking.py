@@ -226,3 +226,30 @@ def test_dataset_inputs_name_source_digest_and_context(store, tmp_path):
             d.dataset.source for d in inputs if d.dataset.name == "demo-train")
     assert [sorted((d.dataset.name, d.dataset.digest) for d in r) for r in runs][0] == \
         [sorted((d.dataset.name, d.dataset.digest) for d in r) for r in runs][1]
+
+
+def test_resume_reopens_the_run_or_tags_a_new_one(store):
+    """train.resume=true continues the interrupted training's MLflow run (RUNNING again, step
+    metrics after the last logged step only); if that run is gone, a new run names it."""
+    root, uri = store
+    first = _tracker(store, "resume")
+    first.log_params({"lr": "0.1", "train.resume": "False"})
+    first.log_metrics({"loss": 3.0}, step=1)
+    first.log_metrics({"loss": 2.0}, step=2)
+    first.end("KILLED")
+    again = _tracker(store, "resume", resume_run_id=first.run_id)
+    client = MlflowClient(uri)
+    assert again.run_id == first.run_id and client.get_run(first.run_id).info.status == "RUNNING"
+    assert again.continue_steps("loss") == 2
+    again.log_params({"lr": "0.1", "train.resume": "True", "new": "1"})
+    again.log_metrics({"loss": 2.5}, step=2)          # recomputed after the checkpoint: not logged twice
+    again.log_metrics({"loss": 1.0}, step=3)
+    again.end("FINISHED")
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and not again.offline
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "loss")] == [(1, 3.0), (2, 2.0), (3, 1.0)]
+    assert run.data.params == {"lr": "0.1", "train.resume": "False", "new": "1"}
+    assert run.data.tags["resume_changed_params"] == "train.resume=True"
+    gone = _tracker(store, "resume", resume_run_id="0" * 32)
+    assert gone.run_id != "0" * 32 and client.get_run(gone.run_id).data.tags["resumed_from_run_id"] == "0" * 32
+    gone.end("FINISHED")
