@@ -41,6 +41,7 @@ from .prepare import prepare, prepare_stage
 from .redact import redact, redact_files, redact_logging, use_credentials
 from .report import write_report
 from .schema import STAGES as STAGE_ORDER, register
+from .system import start_system_metrics, stop_system_metrics
 from .tokenizer import load_tokenizer
 from .tracking import Tracker, flatten, resolve_uri
 from .train import check_fresh_run_dir, resume_point, train
@@ -140,8 +141,11 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
     # and MLflow, instead of a run left RUNNING forever by a process that died without cleanup.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) \
         if threading.current_thread() is threading.main_thread() else None
+    monitor = None
     try:
         start_up_checks(cfg, run_dir, given)
+        if cfg.tracking.system_metrics and "train" in cfg.stages:
+            monitor = start_system_metrics(tracker, cfg.tracking.system_metrics_interval)
         tracker.log_params(flatten(OmegaConf.to_container(cfg)))
         (run_dir / "config_resolved.yaml").write_text(redact(OmegaConf.to_yaml(cfg)))
         t0 = time.time()
@@ -176,6 +180,7 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         summary["error"] = redact(e)[:1000]
         raise
     finally:
+        stop_system_metrics(monitor)
         summary["status"] = status
         write_json(summary_path, summary)
         write_report(run_dir, summary, tracker)   # CSV/PNG/report.md artifacts; never raises

@@ -143,6 +143,9 @@ def check(cfg) -> None:
     if m.seq_length - cfg.predict.max_new_tokens < MIN_PROMPT_ROOM:
         raise ConfigError(f"predict.max_new_tokens={cfg.predict.max_new_tokens} leaves fewer than "
                           f"{MIN_PROMPT_ROOM} prompt tokens in model.seq_length={m.seq_length}")
+    if not cfg.tracking.system_metrics_interval > 0:
+        raise ConfigError(f"tracking.system_metrics_interval: expected seconds > 0, got "
+                          f"{cfg.tracking.system_metrics_interval}")
     if cfg.sweep.objective in ("", None):
         raise ConfigError("sweep.objective: expected a summary key such as mc_accuracy")
 

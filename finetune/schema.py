@@ -197,6 +197,9 @@ class TrackingConfig:
     # An unreachable tracking server stops the job before training; false = log to the local
     # sqlite store instead (and say so).
     required: bool = True
+    # MLflow system metrics (CPU, memory, disk, network; Ascend NPUs via npu-smi) for runs that train
+    system_metrics: bool = True
+    system_metrics_interval: float = 10.0   # seconds between samples
 
 
 @dataclass

@@ -137,6 +137,7 @@ def test_mlflow_run_recorded(pipeline):
     assert {h.step for h in client.get_metric_history(run.info.run_id, "train_lr")} == {1, 2, 3, 4}
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "config_resolved.yaml", "hydra", "eval_predictions.jsonl"} <= arts
+    assert "system/cpu_utilization_percentage" in m and "system/system_memory_usage_megabytes" in m   # MLflow's monitor
     # the data it trained and was scored on, with the prepared data's digest
     inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
     digest = Path(s["prepared_data"]).name.rsplit("-", 1)[1]
