@@ -34,6 +34,7 @@ from .lineage import dataset_inputs, to_mlflow
 from .logs import quiet_libraries
 from .memory import peak_rss_gb
 from .merge import merge
+from .mlflow_model import register as register_model
 from .model import setup_context
 from .plan import plan
 from .predict import predict, read_predict_input
@@ -184,7 +185,14 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         summary["status"] = status
         write_json(summary_path, summary)
         write_report(run_dir, summary, tracker)   # CSV/PNG/report.md artifacts; never raises
-        tracker.log_metrics(final_metrics(summary))
+        tracker.log_metrics(final_metrics(summary), model_id=summary.get("mlflow_model_id"))
+        if status == "FINISHED" and cfg.tracking.register_model and tracker.client:
+            try:
+                summary["registered_model_version"] = register_model(summary, cfg.tracking.register_model, uri)
+                write_json(summary_path, summary)
+            except Exception as e:   # the run itself is done: say so, keep its status
+                log.warning("tracking.register_model=%s: not registered (%s)", cfg.tracking.register_model,
+                            redact(e))
         tracker.log_artifact(summary_path)
         tracker.log_artifact(run_dir / "config_resolved.yaml")
         tracker.log_artifact(run_dir / ".hydra", "hydra")

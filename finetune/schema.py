@@ -200,6 +200,9 @@ class TrackingConfig:
     # MLflow system metrics (CPU, memory, disk, network; Ascend NPUs via npu-smi) for runs that train
     system_metrics: bool = True
     system_metrics_interval: float = 10.0   # seconds between samples
+    # The merge stage logs the merged model as an MLflow (pyfunc) model; false: only its path is tagged
+    log_model: bool = True
+    register_model: Optional[str] = None   # a Model Registry name: the run's model becomes a new version
 
 
 @dataclass

@@ -310,7 +310,8 @@ class Tracker:
         if params:
             self._submit("params", params)
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, model_id: str | None = None) -> None:
+        """model_id: the figures describe that logged MLflow model (shown on its page)."""
         if not self.client:
             return
         from mlflow.entities import Metric
@@ -320,7 +321,7 @@ class Tracker:
         now = int(time.time() * 1000)
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                self._buffer.append(Metric(sanitize(k), float(v), now, step or 0))
+                self._buffer.append(Metric(sanitize(k), float(v), now, step or 0, model_id=model_id))
         if len(self._buffer) >= FLUSH_EVERY or step is None:
             self.flush()
 
@@ -381,7 +382,7 @@ def write_pending(path: Path, uri: str, run_id: str, pending: list[tuple]) -> No
     calls = []
     for kind, payload in pending:
         if kind == "metrics":
-            payload = [[m.key, m.value, m.timestamp, m.step] for m in payload]
+            payload = [[m.key, m.value, m.timestamp, m.step, m.model_id] for m in payload]
         elif kind == "inputs":
             payload = [d.to_dictionary() for d in payload]
         calls.append([kind, payload])
@@ -405,7 +406,7 @@ def sync(path: Path, uri: str | None = None) -> int:
     t.client, t.run_id = MlflowClient(t.uri), data["run_id"]
     for kind, payload in data["calls"]:
         if kind == "metrics":
-            payload = [Metric(k, v, ts, step) for k, v, ts, step in payload]
+            payload = [Metric(k, v, ts, step, model_id=model_id) for k, v, ts, step, model_id in payload]
         elif kind == "artifact":
             payload = tuple(payload)
         elif kind == "inputs":

@@ -8,7 +8,7 @@ from conftest import run_finetune
 
 # the pipeline's own settings, on top of conftest.QUICK
 ARGS = ["train.max_steps=4", "eval.limit=12", "dataset.demo.squad_questions=10", "eval.squad.max_new_tokens=4",
-        "dataset.demo.general_reading=12"]
+        "dataset.demo.general_reading=12", "tracking.register_model=demo-mc"]
 LETTERS = ("A", "B", "C", "D")
 SQUAD_KEYS = ("squad_f1", "squad_em", "squad_f1_base", "squad_em_base", "squad_retention_f1", "squad_retention_em",
               "retained", "contest_score")
@@ -144,6 +144,43 @@ def test_mlflow_run_recorded(pipeline):
     assert inputs["demo-train"] == inputs["demo-test"] == digest and "squad-squad" in inputs
     assert s["datasets"]["demo-train"] == {"digest": digest, "context": "training", "rows": 96,
                                            "source": "generated demo (dataset.demo.seed=0)"}
+
+
+def test_mlflow_model_loads_in_a_fresh_process_and_matches_predict(pipeline):
+    """The merge stage's MLflow model: `mlflow.pyfunc.load_model(uri).predict(df)` in a new Python
+    process on the eval questions gives the predict stage's letters and probabilities; the run's
+    final metrics are linked to it; tracking.register_model registered it with its figures."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    tmp, s = pipeline
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    assert s["mlflow_model_uri"] == f"models:/{s['mlflow_model_id']}"
+    questions = json.loads((Path(s["prepared_data"]) / "questions" / "eval.json").read_text())
+    df = pd.DataFrame([{"question": q["question"], **dict(zip("ABCD", q["choices"])), "subject": q["subject"]}
+                       for q in questions])
+    df.to_json(tmp / "model_in.json", orient="records")
+    script = (f"import mlflow, pandas as pd; mlflow.set_tracking_uri({uri!r}); "
+              f"m = mlflow.pyfunc.load_model({s['mlflow_model_uri']!r}); "
+              f"m.predict(pd.read_json({str(tmp / 'model_in.json')!r}, orient='records', dtype=str))"
+              f".to_json({str(tmp / 'model_out.json')!r}, orient='records')")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = pd.read_json(tmp / "model_out.json", orient="records")
+    rows = [json.loads(line) for line in (tmp / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == len(out) == 24
+    assert out["prediction"].tolist() == [r["prediction"] for r in rows]
+    for c in LETTERS:
+        assert out[f"prob_{c}"].round(6).tolist() == pytest.approx([r["probabilities"][c] for r in rows], abs=1e-6)
+    client = MlflowClient(uri)
+    model = client.get_logged_model(s["mlflow_model_id"])
+    assert model.source_run_id == s["mlflow_run_id"]
+    assert {m.key for m in model.metrics} >= {"mc_accuracy", "contest_score"}
+    version = client.get_model_version("demo-mc", s["registered_model_version"])
+    assert version.tags["mc_accuracy"] == str(s["mc_accuracy"]) and version.tags["retained"] == str(s["retained"])
 
 
 def test_evaluate_stage_alone_reuses_the_run_dir(pipeline):
