@@ -224,6 +224,26 @@ def test_tracker_keeps_what_a_frozen_server_misses_and_sends_it_when_it_answers(
     assert {tag["key"]: tag["value"] for tag in got["data"]["tags"]}["during"] == "outage"
 
 
+def test_registry_on_the_server(server):
+    """tracking.register_model on a real server: a new version of the name, tagged with the run's
+    figures (the model here is a bare LoggedModel: what is tested is the registry, not the flavour)."""
+    from mlflow.tracking import MlflowClient
+
+    from finetune.mlflow_model import register
+
+    uri, _, _ = server
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("srv") or client.get_experiment(client.create_experiment("srv"))
+    run = client.create_run(exp.experiment_id)
+    model = client.create_logged_model(exp.experiment_id, source_run_id=run.info.run_id, name="model")
+    summary = {"mlflow_model_uri": f"models:/{model.model_id}", "mlflow_model_id": model.model_id,
+               "mlflow_run_id": run.info.run_id, "mc_accuracy": 0.75, "retained": True, "contest_score": 0.8}
+    assert register(summary, "server-mc", uri) == "1" and register(summary, "server-mc", uri) == "2"
+    got = rest(uri, "model-versions/get", name="server-mc", version="2")["model_version"]
+    assert {t["key"]: t["value"] for t in got["tags"]} == {"mc_accuracy": "0.75", "retained": "True",
+                                                          "contest_score": "0.8"}
+
+
 def test_a_server_outage_costs_no_training_and_loses_nothing(server, tmp_path):
     """The tracking server is killed at step 4 of 24 and stays down to the end of the job: training
     goes on (no minutes of retries), the job FINISHES, and what MLflow did not receive is kept in the

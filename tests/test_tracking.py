@@ -226,6 +226,10 @@ def test_dataset_inputs_name_source_digest_and_context(store, tmp_path):
             d.dataset.source for d in inputs if d.dataset.name == "demo-train")
     assert [sorted((d.dataset.name, d.dataset.digest) for d in r) for r in runs][0] == \
         [sorted((d.dataset.name, d.dataset.digest) for d in r) for r in runs][1]
+    # other data, another digest (one more made-up word changes the questions)
+    other = prepare(resolved([*QUICK, f"output_root={tmp_path}", "dataset.demo.num_words=44"]),
+                    load_tokenizer("tiktoken", None))
+    assert {d["name"]: d["digest"] for d in dataset_inputs(cfg, other)}["demo-train"] != digest
 
 
 def test_resume_reopens_the_run_or_tags_a_new_one(store):
