@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 
 from . import tracking
 from .redact import redact, redact_files
+from .report import write_sweep_report
 from .schema import ConfigError
 
 log = logging.getLogger("finetune.sweep")
@@ -169,7 +170,8 @@ class SweepCallback(Callback):
             os.environ.pop(env, None)
         status = "FAILED"
         try:
-            status = finish_parent(parent, config.sweep)
+            status = finish_parent(parent, config.sweep, Path(config.hydra.sweep.dir) / "sweep_report",
+                                   importances="optuna" in str(config.hydra.sweeper._target_).lower())
         finally:
             parent.end(status)
 
@@ -182,12 +184,20 @@ class SweepCallback(Callback):
             self.parent = None
 
 
-def finish_parent(parent, sweep) -> str:
+def finish_parent(parent, sweep, report_dir: Path | None = None, importances: bool = False) -> str:
     """Tag the parent with the best child (best_run, best_job, ...) and copy that child's metrics onto
-    it; returns the parent's final status: FINISHED if any child finished, else FAILED."""
+    it; with report_dir, write the sweep's plots there and log them under the parent's `sweep/`
+    (report.write_sweep_report); returns the parent's final status: FINISHED if any child
+    finished, else FAILED."""
     client = parent.client
     experiment_id = client.get_run(parent.run_id).info.experiment_id
     children = list_children(client, experiment_id, parent.run_id)
+    if report_dir is not None and children:
+        try:
+            write_sweep_report(children, sweep.objective, report_dir, importances)
+            parent.log_artifact(report_dir, "sweep")
+        except Exception as e:   # plots are not worth failing a sweep for
+            log.warning("sweep: no plots (%s)", e)
     best, counts = pick_best(children, sweep.objective, sweep.direction, sweep.require_retained)
     parent.set_tags({f"sweep_{k}": v for k, v in counts.items()})
     if best is None:

@@ -123,3 +123,22 @@ def test_read_train_log(tmp_path):
     assert read_train_log(tmp_path / "t.csv") == {"step": [1.0, 2.0], "loss": [2.5, 1.5], "lr": [0.001, 0.0005]}
     (tmp_path / "e.csv").write_text("step,loss,lr\n")
     assert read_train_log(tmp_path / "e.csv") == {}
+
+
+def test_sweep_report_from_children(tmp_path):
+    """The sweep parent's plots from its children: swept keys found by comparing params, one plot
+    each (numbers on a log axis when they span decades), the failed child in the table only."""
+    from finetune.report import swept_params, write_sweep_report
+
+    children = [{"job": str(i), "run_name": f"s-{i}", "status": "FINISHED" if i < 3 else "FAILED",
+                 "params": {"lora.rank": str(r), "optimizer.learning_rate": str(lr), "seed": "0"},
+                 "metrics": {"mc_accuracy": acc} if i < 3 else {}}
+                for i, (r, lr, acc) in enumerate([(4, 1e-4, 0.5), (8, 1e-2, 0.7), (16, 1e-3, 0.6), (8, 1e-5, 0)])]
+    assert swept_params(children) == ["lora.rank", "optimizer.learning_rate"]
+    files = write_sweep_report(children, "mc_accuracy", tmp_path, importances=True)
+    names = sorted(p.name for p in files)
+    assert names == ["children.csv", "objective_vs_lora.rank.png", "objective_vs_optimizer.learning_rate.png",
+                     "param_importances.json", "param_importances.png"]
+    rows = (tmp_path / "children.csv").read_text().splitlines()
+    assert rows[0] == "job,run_name,status,lora.rank,optimizer.learning_rate,mc_accuracy"
+    assert rows[4] == "3,s-3,FAILED,8,1e-05,"

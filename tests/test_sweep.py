@@ -68,6 +68,12 @@ def test_grid_parent_and_children(grid):
     assert "stages=[prepare,evaluate]" in overrides and "eval.base=False" in overrides
     assert "stages=[prepare,train,evaluate]" in children[0].data.tags["sweep_overrides"]
     assert children[0].data.params["eval.base"] == "True" and children[3].data.params["eval.base"] == "False"
+    # the parent's plots: the objective against each swept key, and the children's table
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert arts == {"sweep/children.csv", "sweep/objective_vs_eval.base.png", "sweep/objective_vs_stages.png"}
+    table = (root / "grid" / "sweep_report" / "children.csv").read_text().splitlines()
+    assert table[0] == "job,run_name,status,eval.base,stages,mc_accuracy" and len(table) == 5
 
 
 def test_failing_job_is_failed_and_the_sweep_goes_on(grid):
@@ -152,6 +158,18 @@ def test_optuna_preset_three_trials(optuna):
     assert best.info.run_id == parent.data.tags["best_run"]
     assert best.data.params["lora.rank"] == str(result.best_params["lora.rank"])
 
+
+
+def test_optuna_sweep_plots_and_importances(optuna):
+    root, _ = optuna
+    _, parent, _ = _runs(root, "optuna")
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/children.csv", "sweep/param_importances.json", "sweep/param_importances.png",
+            "sweep/objective_vs_lora.rank.png"} <= arts, arts
+    importances = json.loads((root / "optuna" / "sweep_report" / "param_importances.json").read_text())
+    assert set(importances) <= {"lora.rank", "lora.alpha", "lora.dropout", "optimizer.learning_rate"}
+    assert sum(importances.values()) == pytest.approx(1.0, abs=1e-6)
 
 def test_optuna_preset_direction_follows_sweep_direction():
     from hydra import compose, initialize_config_dir
