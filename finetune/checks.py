@@ -25,7 +25,8 @@ AT_LEAST_ONE = ("train.epochs", "train.batch_size", "train.max_steps", "train.ma
                 "model.hidden_size", "model.num_layers", "model.num_heads", "model.intermediate_size",
                 "model.pretrain.batch_size", "parallel.data_parallel", "parallel.model_parallel",
                 "parallel.pipeline_stage", "parallel.nodes", "parallel.join_timeout", "lora.rank",
-                "dataset.max_train_questions", "model.vocab_size", "model.n_kv_heads")
+                "dataset.max_train_questions", "model.vocab_size", "model.n_kv_heads", "eval.every_n_steps",
+                "eval.during.limit", "eval.during.general_limit", "train.early_stopping.patience")
 AT_LEAST_ZERO = ("train.save.num_checkpoints", "eval.num_shots", "model.pretrain.epochs", "dataset.general.limit",
                  "parallel.node_rank", "lora.alpha", "optimizer.weight_decay", "optimizer.max_grad_norm",
                  "optimizer.eps")
@@ -143,6 +144,9 @@ def check(cfg) -> None:
     if m.seq_length - cfg.predict.max_new_tokens < MIN_PROMPT_ROOM:
         raise ConfigError(f"predict.max_new_tokens={cfg.predict.max_new_tokens} leaves fewer than "
                           f"{MIN_PROMPT_ROOM} prompt tokens in model.seq_length={m.seq_length}")
+    if cfg.train.early_stopping.metric and not cfg.eval.every_n_steps:
+        raise ConfigError(f"train.early_stopping.metric={cfg.train.early_stopping.metric} is measured every "
+                          "eval.every_n_steps steps: set eval.every_n_steps (e.g. 10)")
     if not cfg.tracking.system_metrics_interval > 0:
         raise ConfigError(f"tracking.system_metrics_interval: expected seconds > 0, got "
                           f"{cfg.tracking.system_metrics_interval}")
@@ -150,7 +154,7 @@ def check(cfg) -> None:
         raise ConfigError("sweep.objective: expected a summary key such as mc_accuracy")
 
 
-_NULLABLE = {"train.max_steps", "eval.limit", "eval.squad.limit", "eval.squad.min_f1", "eval.squad.min_em", "dataset.max_train_questions", "model.vocab_size",
+_NULLABLE = {"eval.every_n_steps", "train.max_steps", "eval.limit", "eval.squad.limit", "eval.squad.min_f1", "eval.squad.min_em", "dataset.max_train_questions", "model.vocab_size",
              "model.n_kv_heads"}
 
 

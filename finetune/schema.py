@@ -48,6 +48,7 @@ DType = Choice("DType", {v: v for v in ("float32", "float16", "bfloat16")})
 LossScaleKind = Choice("LossScaleKind", {v: v for v in ("none", "dynamic")})
 Direction = Choice("Direction", {v: v for v in ("maximize", "minimize")})
 PredictFormat = Choice("PredictFormat", {v: v for v in ("jsonl", "npy")})
+DuringMetric = Choice("DuringMetric", {v: v for v in ("during_mc_accuracy", "during_general_loss_delta")})
 
 
 @dataclass
@@ -213,6 +214,14 @@ class SaveConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop when `metric` (measured every eval.every_n_steps) has not improved for `patience`
+    evaluations in a row; the best evaluation's adapter is the one kept. null metric = off."""
+    metric: Optional[DuringMetric] = None
+    patience: int = 3
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 6
     batch_size: int = 16           # per device, per micro-step
@@ -226,6 +235,7 @@ class TrainConfig:
     # Under dynamic loss scaling: this many non-finite (overflow) steps in a row stop the run as
     # diverged. Without loss scaling the first non-finite step does.
     max_nonfinite_steps: int = 8
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -312,6 +322,13 @@ class McConfig:
 
 
 @dataclass
+class DuringConfig:
+    """What eval.every_n_steps measures (finetune/during.py)."""
+    limit: int = 64                # eval questions sampled once (seeded) for during_mc_accuracy
+    general_limit: int = 32        # held-out passages (the SQuAD set's) for during_general_loss_delta
+
+
+@dataclass
 class EvalConfig:
     protocol: str = "standard"     # the eval group's name: standard | contest (conf/eval/)
     num_shots: int = 0             # k-shot examples from the dev split, same subject
@@ -327,6 +344,10 @@ class EvalConfig:
     # A fine-tuned model counts as having kept its general ability when its SQuAD F1 and EM
     # are both at least this share of the base model's (the contest rule: 90%).
     retention_threshold: float = 0.9
+    # Every N optimizer steps (and at the last): during_mc_accuracy and during_general_loss_delta as
+    # step metrics (finetune/during.py); null = off
+    every_n_steps: Optional[int] = None
+    during: DuringConfig = field(default_factory=DuringConfig)
 
 
 @dataclass

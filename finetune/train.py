@@ -179,12 +179,14 @@ def batch_inputs(ids: np.ndarray, labels: np.ndarray, pad_id: int, answers_per_r
 
 def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, opt_cfg, hw, pad_id: int, tracker,
               prefix: str, desc: str, world: int = 1, log_file: Path | None = None, save_at=(), on_save=None,
-              resume_state: tuple[int, Path] | None = None, sparse: bool = False) -> dict:
+              resume_state: tuple[int, Path] | None = None, sparse: bool = False, on_step=None) -> dict:
     """The training loop shared by LoRA fine-tuning and base pretraining.
 
     ids/labels are this rank's shard; one optimizer step takes batch_size x accumulation rows
     from every rank. on_save(step, state) runs after the steps listed in save_at, with state =
     optimizer_state(...); resume_state = (step, state file) continues after that step.
+    on_step(step, last) runs after every step (last: the run's final step); returning True stops
+    the run there (early stopping).
     sparse: the loss only at labelled positions, rows cut to length buckets (batch_inputs); the
     same loss and gradients as the full model, computed on the real tokens."""
     import mindspore as ms
@@ -273,6 +275,10 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, o
                 f"(lower optimizer.learning_rate, currently {opt_cfg.learning_rate:g})")
         if step in save_at and on_save is not None:
             on_save(step, state)
+        if on_step is not None and on_step(step, step == total):
+            log.info("early stopping after step %d of %d", step, total)
+            total = step
+            break
     bar.close()
     if log_rows:
         log_rows.close()
@@ -344,12 +350,35 @@ def train(ctx) -> dict:
         ctx.tracker.log_metrics({"checkpoint_step": step}, step=step)
         ctx.tracker.log_artifact(files["adapter"], "checkpoints")
 
+    during, best_file = None, run_dir / "adapter-best.ckpt"
+    if cfg.eval.every_n_steps:
+        from .during import DuringTraining
+
+        during = DuringTraining(ctx, net, cfg.train.batch_size)
+
+    def on_step(step: int, last: bool) -> bool:
+        """eval.every_n_steps: the during-training figures; early stopping keeps the best adapter.
+        Every rank measures (the same weights, the same questions), so every rank stops together."""
+        if during is None or (step % cfg.eval.every_n_steps and not last):
+            return False
+        figures = during.measure(step)
+        ctx.tracker.log_metrics(figures, step=step)
+        if during.improved(step, figures) and r == 0:
+            save_adapter(net, best_file)
+        return during.should_stop and not last
+
     stats = run_steps(net, ids, labels, schedule, opt_cfg=cfg.optimizer, hw=cfg.hardware, pad_id=ctx.tok.pad_id,
                       tracker=ctx.tracker, prefix="train_", desc="LoRA train", world=dp,
                       log_file=run_dir / "train_log.csv" if r == 0 else None, save_at=save_at, on_save=on_save,
-                      resume_state=resume_state, sparse=True)
+                      resume_state=resume_state, sparse=True, on_step=on_step)
     if r == 0:
         save_adapter(net, run_dir / ADAPTER_FILE)
+        if during is not None and during.best_step is not None:   # early stopping: the best one is kept
+            best_file.replace(run_dir / ADAPTER_FILE)
+    during_figures = {} if during is None else {
+        "during_seconds": round(during.seconds, 1), "during_evaluations": during.evaluations,
+        **({"early_stopping_best_step": during.best_step, "early_stopping_best": during.best,
+            "early_stopped": stats["steps"] < total} if during.metric else {})}
     losses = _logged_losses(run_dir / "train_log.csv") if r == 0 else stats["losses"]
     return {
         "train_loss_first": losses[0] if losses else stats["loss_first"],
@@ -364,6 +393,7 @@ def train(ctx) -> dict:
         "train_global_batch": cfg.train.batch_size * schedule.accumulation * dp,
         "checkpoints": len(save_at),
         "adapter": str(run_dir / ADAPTER_FILE),
+        **during_figures,
         **param_summary(counts),
     }
 

@@ -8,7 +8,8 @@ from conftest import run_finetune
 
 # the pipeline's own settings, on top of conftest.QUICK
 ARGS = ["train.max_steps=4", "eval.limit=12", "dataset.demo.squad_questions=10", "eval.squad.max_new_tokens=4",
-        "dataset.demo.general_reading=12", "tracking.register_model=demo-mc"]
+        "dataset.demo.general_reading=12", "tracking.register_model=demo-mc", "eval.every_n_steps=2",
+        "train.early_stopping.metric=during_mc_accuracy", "train.early_stopping.patience=1"]
 LETTERS = ("A", "B", "C", "D")
 SQUAD_KEYS = ("squad_f1", "squad_em", "squad_f1_base", "squad_em_base", "squad_retention_f1", "squad_retention_em",
               "retained", "contest_score")
@@ -138,6 +139,13 @@ def test_mlflow_run_recorded(pipeline):
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "config_resolved.yaml", "hydra", "eval_predictions.jsonl"} <= arts
     assert "system/cpu_utilization_percentage" in m and "system/system_memory_usage_megabytes" in m   # MLflow's monitor
+    # curves during training (eval.every_n_steps=2 of 4 steps), the best evaluation's adapter kept
+    for key in ("during_mc_accuracy", "during_general_loss_delta"):
+        assert [h.step for h in client.get_metric_history(run.info.run_id, key)] == [2, 4], key
+    assert s["during_evaluations"] == 2 and s["during_seconds"] > 0 and s["early_stopped"] is False
+    best = max(client.get_metric_history(run.info.run_id, "during_mc_accuracy"), key=lambda h: (h.value, -h.step))
+    assert s["early_stopping_best_step"] == best.step and s["early_stopping_best"] == best.value
+    assert not (tmp / "run" / "adapter-best.ckpt").exists()
     # the data it trained and was scored on, with the prepared data's digest
     inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
     digest = Path(s["prepared_data"]).name.rsplit("-", 1)[1]

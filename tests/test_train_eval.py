@@ -91,11 +91,17 @@ def test_lora_training_decreases_loss_and_only_moves_the_adapter(setup, tmp_path
 def _six_steps(cfg, tok, ids, labels, batch=16, accumulation=1, sparse=True):
     """6 LoRA steps at lr 5e-3 (a global batch of 16): (losses, gradient norms, run_steps stats)."""
     net = _lora_net(cfg, tok, batch, dynamic=sparse)
-    rows = []
+    rows, calls = [], []
+
+    def on_step(step, last):   # the during-training hook; True = stop here (at the last step: no change)
+        calls.append((step, last))
+        return last
+
     stats = run_steps(net, ids, labels, Schedule(batch_size=batch, epochs=1, seed=0, accumulation=accumulation,
                                                  max_steps=6),
                       opt_cfg=cfg.optimizer, hw=cfg.hardware, pad_id=tok.pad_id, tracker=_Rows(rows), prefix="t_",
-                      desc="test", sparse=sparse)
+                      desc="test", sparse=sparse, on_step=on_step)
+    assert calls == [(s, s == 6) for s in range(1, 7)] and stats["steps"] == 6
     return stats["losses"], [r["t_grad_norm"] for r in rows], stats
 
 
@@ -229,3 +235,36 @@ def test_apply_lora_seeds_every_lora_dropout():
     assert len(dropouts) == 16                                   # 4 layers x wq, wk, wv, wo
     assert not any(isinstance(d, nn.Dropout) for d in dropouts)
     assert len({(d.uniform.seed, d.uniform.seed2) for d in dropouts}) == 16   # a different stream per layer
+
+
+def test_early_stopping_bookkeeping():
+    """train.early_stopping: the best evaluation so far is kept; `patience` evaluations in a row
+    without improvement stop the run. Accuracy: higher is better; the general-loss delta: lower."""
+    from finetune.during import DuringTraining
+
+    def tracker(metric, patience):
+        d = DuringTraining.__new__(DuringTraining)
+        d.metric, d.patience, d.best, d.best_step, d.since_best = metric, patience, None, None, 0
+        return d
+
+    d = tracker("during_mc_accuracy", 2)
+    kept = [d.improved(step, {"during_mc_accuracy": acc}) for step, acc in [(2, 0.5), (4, 0.7), (6, 0.7), (8, 0.6)]]
+    assert kept == [True, True, False, False] and d.best_step == 4 and d.should_stop
+    d = tracker("during_general_loss_delta", 2)
+    kept = [d.improved(step, {"during_general_loss_delta": x}) for step, x in [(2, 0.3), (4, 0.1), (6, 0.2)]]
+    assert kept == [True, True, False] and d.best == 0.1 and not d.should_stop
+    assert not tracker(None, 1).improved(2, {"during_mc_accuracy": 1.0}) and not tracker(None, 1).should_stop
+
+
+def test_general_text_rows_put_the_loss_on_every_text_token():
+    from finetune.during import text_rows
+    from finetune.model import IGNORE_ID
+    from finetune.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("tiktoken", None)
+    ids, labels = text_rows(["the cat sat", "a much longer passage " * 40], tok, 16)
+    body = tok.encode("the cat sat") + [tok.eos_id]
+    assert ids.shape == labels.shape == (2, 17)
+    assert ids[0, :len(body) + 1].tolist() == [tok.bos_id] + body and (ids[0, len(body) + 1:] == tok.pad_id).all()
+    assert labels[0, 0] == IGNORE_ID and labels[0, 1:len(body) + 1].tolist() == body
+    assert (labels[1, 1:] != IGNORE_ID).all() and labels[1, -1] == tok.eos_id   # cut to the window, EOS kept
