@@ -102,14 +102,20 @@ def log_merged_model(ctx, merged: Path) -> dict:
             tok_copy = Path(tmp) / Path(cfg.model.tokenizer.path).name
             shutil.copy(cfg.model.tokenizer.path, tok_copy)
             artifacts["tokenizer"] = str(tok_copy)
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(tracker.uri)   # Model.log works through the default client
+        from mlflow.tracking import fluent
+
+        # Model.log works through MLflow's default client and puts the LoggedModel in the active
+        # experiment: both are set to the run's for the call, and put back after.
+        previous, previous_experiment = mlflow.get_tracking_uri(), fluent._active_experiment_id
+        mlflow.set_tracking_uri(tracker.uri)
         try:
+            mlflow.set_experiment(experiment_id=tracker.client.get_run(tracker.run_id).info.experiment_id)
             info = Model.log(None, mlflow.pyfunc, name="model", run_id=tracker.run_id,
                              python_model=MultipleChoiceModel(), artifacts=artifacts, signature=signature(),
                              pip_requirements=_requirements())
         finally:
             mlflow.set_tracking_uri(previous)
+            fluent._active_experiment_id = previous_experiment
     log.info("MLflow model %s logged (%s)", info.model_id, info.model_uri)
     return {"mlflow_model_id": info.model_id, "mlflow_model_uri": info.model_uri}
 

@@ -255,6 +255,9 @@ class SweepConfig:
     objective: str = "mc_accuracy"
     direction: Direction = Direction.maximize
     require_retained: bool = True  # skip children whose SQuAD retention failed (where measured)
+    # A Model Registry name: the best child's MLflow model (its merge stage's) becomes a new version
+    # of it, and no other child's (jobs then leave tracking.register_model unset)
+    register_best: Optional[str] = None
 
 
 class SquadMetric(Choice):

@@ -184,6 +184,27 @@ class SweepCallback(Callback):
             self.parent = None
 
 
+def register_best(parent, best: dict, experiment_id: str, name: str) -> str | None:
+    """sweep.register_best: the best child's logged model as a new version of `name` (tagged with
+    its figures); the parent run is tagged with the version."""
+    from .mlflow_model import register
+
+    models = parent.client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{best['run_id']}'")
+    if not models:
+        log.warning("sweep.register_best=%s: the best run %s logged no MLflow model (add merge to stages)", name,
+                    best["run_id"])
+        return None
+    model = models[0]
+    summary = {"mlflow_model_uri": f"models:/{model.model_id}", "mlflow_model_id": model.model_id,
+               "mlflow_run_id": best["run_id"], **{k: best["metrics"][k] for k in ("mc_accuracy", "contest_score")
+                                                  if k in best["metrics"]}}
+    if "retained" in best["metrics"]:
+        summary["retained"] = bool(best["metrics"]["retained"])
+    version = register(summary, name, parent.uri)
+    parent.set_tags({"registered_model": f"{name}/{version}"})
+    return version
+
+
 def finish_parent(parent, sweep, report_dir: Path | None = None, importances: bool = False) -> str:
     """Tag the parent with the best child (best_run, best_job, ...) and copy that child's metrics onto
     it; with report_dir, write the sweep's plots there and log them under the parent's `sweep/`
@@ -207,6 +228,8 @@ def finish_parent(parent, sweep, report_dir: Path | None = None, importances: bo
         parent.set_tags({"best_run": best["run_id"], "best_run_name": best["run_name"],
                          "best_job": best["job"], "best_overrides": best["overrides"]})
         parent.log_metrics(best["metrics"])
+        if sweep.get("register_best"):
+            register_best(parent, best, experiment_id, sweep.register_best)
         log.info("sweep: best run %s (job %s: %s) %s=%.4f; %s", best["run_id"], best["job"], best["overrides"],
                  sweep.objective, best["metrics"][sweep.objective], counts)
     return "FINISHED" if counts["finished"] else "FAILED"

@@ -186,6 +186,7 @@ def test_mlflow_model_loads_in_a_fresh_process_and_matches_predict(pipeline):
     client = MlflowClient(uri)
     model = client.get_logged_model(s["mlflow_model_id"])
     assert model.source_run_id == s["mlflow_run_id"]
+    assert model.experiment_id == client.get_run(s["mlflow_run_id"]).info.experiment_id
     assert {m.key for m in model.metrics} >= {"mc_accuracy", "contest_score"}
     version = client.get_model_version("demo-mc", s["registered_model_version"])
     assert version.tags["mc_accuracy"] == str(s["mc_accuracy"]) and version.tags["retained"] == str(s["retained"])

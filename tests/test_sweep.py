@@ -48,8 +48,8 @@ def root(quick_root):
 def grid(root):
     # 2x2: jobs 0..3 = (train, base) (train, no base) (no train, base) (no train, no base); the last has
     # nothing to evaluate (no adapter, eval.base=false): a ModelError inside its tracked run.
-    proc = _multirun(root, "grid", ["tracking.run_name=grid",
-                                    "stages=[prepare,train,evaluate],[prepare,evaluate]", "eval.base=true,false"])
+    proc = _multirun(root, "grid", ["tracking.run_name=grid", "sweep.register_best=grid-best",
+                                    "stages=[prepare,train,evaluate,merge],[prepare,evaluate]", "eval.base=true,false"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root, proc
 
@@ -60,13 +60,13 @@ def test_grid_parent_and_children(grid):
     assert sorted(children) == [0, 1, 2, 3]
     assert parent.info.run_name == "grid"
     assert [children[j].info.run_name for j in range(4)] == ["grid-0", "grid-1", "grid-2", "grid-3"]
-    assert parent.data.params["stages"] == "[prepare,train,evaluate],[prepare,evaluate]"
+    assert parent.data.params["stages"] == "[prepare,train,evaluate,merge],[prepare,evaluate]"
     assert parent.data.params["eval.base"] == "true,false"
     assert parent.data.params["train.max_steps"] == "2"
     assert parent.data.tags["sweeper"] == "BasicSweeper"
     overrides = children[3].data.tags["sweep_overrides"]
     assert "stages=[prepare,evaluate]" in overrides and "eval.base=False" in overrides
-    assert "stages=[prepare,train,evaluate]" in children[0].data.tags["sweep_overrides"]
+    assert "stages=[prepare,train,evaluate,merge]" in children[0].data.tags["sweep_overrides"]
     assert children[0].data.params["eval.base"] == "True" and children[3].data.params["eval.base"] == "False"
     # the parent's plots: the objective against each swept key, and the children's table
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -104,6 +104,15 @@ def test_best_run_is_the_child_with_the_highest_mc_accuracy(grid):
     assert parent.data.metrics["trainable_ratio_pct"] == pytest.approx(
         children[best_job].data.metrics["trainable_ratio_pct"])
     assert "mc_accuracy_base" in children[0].data.metrics and "mc_accuracy_base" not in children[1].data.metrics
+    # sweep.register_best: the best child's model only (jobs 0 and 1 merged and logged one; 2 did not train)
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    versions = client.search_model_versions("name = 'grid-best'")
+    if best_job in (0, 1):
+        assert [v.run_id for v in versions] == [children[best_job].info.run_id]
+        assert parent.data.tags["registered_model"] == "grid-best/1"
+        assert versions[0].tags["mc_accuracy"] == str(children[best_job].data.metrics["mc_accuracy"])
+    else:
+        assert versions == [] and "registered_model" not in parent.data.tags
 
 
 def test_report_on_a_real_run_dir(grid):
