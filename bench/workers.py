@@ -76,7 +76,7 @@ def rows(args: dict) -> dict:
             epoch, s = divmod(step, per_epoch)
             j = int(batch_order(per_epoch, epoch, cfg.seed, spec["shuffle"])[s])
             x, y = ids[j * b:(j + 1) * b], labels[j * b:(j + 1) * b]
-            length = bucket(int(row_lengths(x, pad_id).max()) - 1, seq_length)   # train.batch_inputs' length
+            length = bucket(int(row_lengths(x, pad_id).max()) - 1, seq_length)   # forward.batch_inputs' length
             compiled.append(length not in seen)
             seen.add(length)
             batch_ids.append(x)

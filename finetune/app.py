@@ -34,7 +34,6 @@ from .lineage import dataset_inputs, to_mlflow
 from .logs import quiet_libraries
 from .memory import peak_rss_gb
 from .merge import merge
-from .mlflow_model import register as register_model
 from .model import setup_context
 from .plan import plan
 from .predict import predict, read_predict_input
@@ -188,6 +187,8 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         tracker.log_metrics(final_metrics(summary), model_id=summary.get("mlflow_model_id"))
         if status == "FINISHED" and cfg.tracking.register_model and tracker.client:
             try:
+                from .mlflow_model import register as register_model
+
                 summary["registered_model_version"] = register_model(summary, cfg.tracking.register_model, uri)
                 write_json(summary_path, summary)
             except Exception as e:   # the run itself is done: say so, keep its status

@@ -85,9 +85,8 @@ class DuringTraining:
     def _general_loss(self) -> float:
         import mindspore as ms
 
-        from .forward import answer_loss_cell, labelled_per_row
+        from .forward import answer_loss_cell, batch_inputs, labelled_per_row
         from .model import IGNORE_ID
-        from .train import batch_inputs
 
         if not hasattr(self, "_loss_cell"):
             self._loss_cell = answer_loss_cell(self.net)

@@ -251,3 +251,15 @@ def _kv_cells(net):
             return ops.cast(self.lm.lm_head(hidden), f32), new_keys, new_values
 
     return Prefill(), Step()
+
+
+def batch_inputs(ids: np.ndarray, labels: np.ndarray, pad_id: int, answers_per_row: int | None) -> tuple:
+    """The step's inputs for rows of prepared data ([B, seq_length + 1] ids and labels) and the tokens
+    the model processes. answers_per_row None: the whole rows, for the model's own loss over every
+    position (pretraining on packed text). Otherwise (LoRA on exam questions) the rows are cut to a
+    length bucket and the loss is taken at the labelled positions only (forward.answer_loss_cell)."""
+    if answers_per_row is None:
+        return (ids, labels), ids[:, :-1].size
+    length = bucket(int(row_lengths(ids, pad_id).max()) - 1, ids.shape[1] - 1)   # tokens the model reads
+    flat, target, mask = answer_positions(ids[:, :length + 1], labels[:, :length + 1], pad_id, answers_per_row)
+    return (ids[:, :length], flat, target, mask), ids.shape[0] * length

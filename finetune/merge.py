@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .adapter import MERGED_FILE, adapter_path, base_tensors, merge_lora, read_adapter, refuse_merged_base, save_merged
 from .errors import ModelError
-from .mlflow_model import log_merged_model
 
 log = logging.getLogger("finetune.merge")
 
@@ -45,4 +44,6 @@ def merge(ctx) -> dict:
     ctx.tracker.set_tags({**tags, "lora_scaling": scaling})
     out = {"merged": str(run_dir / MERGED_FILE), "merged_checkpoints": len(jobs) - 1, "lora_scaling": scaling}
     # ... but the merged model is logged as an MLflow model (tracking.log_model), which copies it
+    from .mlflow_model import log_merged_model
+
     return {**out, **log_merged_model(ctx, run_dir / MERGED_FILE)}

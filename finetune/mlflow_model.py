@@ -13,9 +13,11 @@ and contest_score.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -24,6 +26,29 @@ log = logging.getLogger("finetune.mlflow_model")
 
 COLUMNS = ("question", "A", "B", "C", "D", "subject")
 OUTPUTS = ("prediction", "prob_A", "prob_B", "prob_C", "prob_D")
+
+
+@contextlib.contextmanager
+def mlflow_defaults(uri: str, experiment_id: str | None = None):
+    """MLflow's process-wide tracking URI (and active experiment) set to this run's for the calls
+    that use them rather than their client's (Model.log; the registry store resolving models:/
+    URIs), and put back after."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    previous, previous_experiment = mlflow.get_tracking_uri(), fluent._active_experiment_id
+    mlflow.set_tracking_uri(uri)
+    try:
+        if experiment_id is not None:
+            mlflow.set_experiment(experiment_id=experiment_id)
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        fluent._active_experiment_id = previous_experiment
+
+
+# MLflow warns at class definition when predict has no type hints; the signature is given explicitly.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class MultipleChoiceModel(mlflow.pyfunc.PythonModel):
@@ -102,20 +127,12 @@ def log_merged_model(ctx, merged: Path) -> dict:
             tok_copy = Path(tmp) / Path(cfg.model.tokenizer.path).name
             shutil.copy(cfg.model.tokenizer.path, tok_copy)
             artifacts["tokenizer"] = str(tok_copy)
-        from mlflow.tracking import fluent
-
         # Model.log works through MLflow's default client and puts the LoggedModel in the active
-        # experiment: both are set to the run's for the call, and put back after.
-        previous, previous_experiment = mlflow.get_tracking_uri(), fluent._active_experiment_id
-        mlflow.set_tracking_uri(tracker.uri)
-        try:
-            mlflow.set_experiment(experiment_id=tracker.client.get_run(tracker.run_id).info.experiment_id)
+        # experiment: both are the run's for the call
+        with mlflow_defaults(tracker.uri, tracker.client.get_run(tracker.run_id).info.experiment_id):
             info = Model.log(None, mlflow.pyfunc, name="model", run_id=tracker.run_id,
                              python_model=MultipleChoiceModel(), artifacts=artifacts, signature=signature(),
                              pip_requirements=_requirements())
-        finally:
-            mlflow.set_tracking_uri(previous)
-            fluent._active_experiment_id = previous_experiment
     log.info("MLflow model %s logged (%s)", info.model_id, info.model_uri)
     return {"mlflow_model_id": info.model_id, "mlflow_model_uri": info.model_uri}
 
@@ -140,7 +157,8 @@ def register(summary: dict, name: str, uri: str) -> str | None:
     except Exception:
         client.create_registered_model(name)
     tags = {k: str(summary[k]) for k in ("mc_accuracy", "retained", "contest_score") if k in summary}
-    version = client.create_model_version(name, summary["mlflow_model_uri"], run_id=summary.get("mlflow_run_id"),
-                                          tags=tags, model_id=summary.get("mlflow_model_id"))
+    with mlflow_defaults(uri):   # a SQLite registry resolves models:/ through the default client
+        version = client.create_model_version(name, summary["mlflow_model_uri"], run_id=summary.get("mlflow_run_id"),
+                                              tags=tags, model_id=summary.get("mlflow_model_id"))
     log.info("registered %s version %s", name, version.version)
     return str(version.version)

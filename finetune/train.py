@@ -21,7 +21,7 @@ from .checkpoints import (add_to_index, newest_valid, read_index, read_run_recor
                           setting_differences, write_run_record)
 from .data.mindrecord import read_shards
 from .errors import ModelError, TrainingDiverged
-from .forward import answer_loss_cell, answer_positions, bucket, labelled_per_row, row_lengths
+from .forward import answer_loss_cell, batch_inputs, labelled_per_row
 from .lora import apply_lora
 from .ckpt import read_checkpoint, save_checkpoint
 from .model import count_params, param_summary
@@ -163,18 +163,6 @@ def total_steps(rows: int, rows_per_step: int, epochs: int, max_steps: int | Non
 
 
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "loss_scale")
-
-
-def batch_inputs(ids: np.ndarray, labels: np.ndarray, pad_id: int, answers_per_row: int | None) -> tuple:
-    """The step's inputs for rows of prepared data ([B, seq_length + 1] ids and labels) and the tokens
-    the model processes. answers_per_row None: the whole rows, for the model's own loss over every
-    position (pretraining on packed text). Otherwise (LoRA on exam questions) the rows are cut to a
-    length bucket and the loss is taken at the labelled positions only (forward.answer_loss_cell)."""
-    if answers_per_row is None:
-        return (ids, labels), ids[:, :-1].size
-    length = bucket(int(row_lengths(ids, pad_id).max()) - 1, ids.shape[1] - 1)   # tokens the model reads
-    flat, target, mask = answer_positions(ids[:, :length + 1], labels[:, :length + 1], pad_id, answers_per_row)
-    return (ids[:, :length], flat, target, mask), ids.shape[0] * length
 
 
 def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, opt_cfg, hw, pad_id: int, tracker,

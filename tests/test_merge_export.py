@@ -170,7 +170,9 @@ def test_scaling_comes_from_the_adapter_file(tiny, probe):
     from mlflow.tracking import MlflowClient
 
     r = tiny.result
-    assert r == {"merged": str(tiny.run_dir / "merged.ckpt"), "merged_checkpoints": 1, "lora_scaling": 3.0}
+    assert {k: r[k] for k in ("merged", "merged_checkpoints", "lora_scaling")} == {
+        "merged": str(tiny.run_dir / "merged.ckpt"), "merged_checkpoints": 1, "lora_scaling": 3.0}
+    assert r["mlflow_model_uri"] == f"models:/{r['mlflow_model_id']}"   # logged as an MLflow model too
     name = "model.layers.1.attention.wv"
     params = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(tiny.run_dir / "merged.ckpt")).items()}
     assert not any("mindpet_delta" in k for k in params)
