@@ -123,7 +123,10 @@ def log_merged_model(ctx, merged: Path) -> dict:
             shutil.copy(cfg.model.tokenizer.path, tok_copy)
             artifacts["tokenizer"] = str(tok_copy)
         # Model.log works through MLflow's default client and puts the LoggedModel in the active
-        # experiment: both are the run's for the call
+        # experiment: both are the run's for the call. (Its artifact progress bars: not on our console.)
+        import os
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         with mlflow_defaults(tracker.uri, tracker.client.get_run(tracker.run_id).info.experiment_id):
             info = Model.log(None, mlflow.pyfunc, name="model", run_id=tracker.run_id,
                              python_model=MultipleChoiceModel(), artifacts=artifacts, signature=signature(),
