@@ -457,7 +457,7 @@ def resume_point(cfg, run_dir: Path, settings: dict | None = None) -> dict:
     return entry
 
 
-def _log_rows(log_file: Path, first: int, last: int) -> list[dict]:
+def _log_rows(log_file: Path, first: int, last: float) -> list[dict]:
     """train_log.csv rows of steps first..last, as {column: number}."""
     if not log_file.is_file():
         return []
@@ -470,6 +470,4 @@ def _log_rows(log_file: Path, first: int, last: int) -> list[dict]:
 
 
 def _logged_losses(log_file: Path) -> list[float]:
-    if not log_file.is_file():
-        return []
-    return [float(line.split(",")[1]) for line in log_file.read_text().splitlines()[1:]]
+    return [r["loss"] for r in _log_rows(log_file, 1, math.inf)]
