@@ -5,9 +5,11 @@ project that imports torch / transformers' torch model / peft (the `bench` extra
     python -m bench.peft_train train --rows ROWS.npz --model MODEL.json --pad longest [full] --out OUT.json
     python -m bench.peft_train peak --size 2048 --out OUT.json      # torch fp32 matmul GFLOP/s
 
-ROWS.npz (written by bench.workers rows): ids / labels [steps, batch, seq_length + 1] int32 (the
-tool's prepared rows: [bos] prompt answer [eos] pad..., labels -100 except on the answer and EOS),
-pad_id. The standard causal-LM recipe: rows padded to the batch's longest row (what
+ROWS.npz (written by bench.workers rows): ids / labels [examples, seq_length + 1] int32 (the
+tool's prepared rows: [bos] prompt answer [eos] pad..., labels -100 except on the answer and EOS)
+in step order, offsets [steps + 1] (step s trains on examples offsets[s] .. offsets[s+1] - 1:
+the examples of the tool's packed rows of that step), pad_id. The standard causal-LM recipe:
+each step's examples as one batch, padded to the batch's longest row (what
 DataCollatorForSeq2Seq / a padding collator gives; `--pad longest`, the reference) or every row
 padded to seq_length (`--pad full`), attention_mask = not padding, labels as given (-100 ignored);
 LlamaForCausalLM shifts labels by one inside, as the tool's rows expect.
@@ -63,7 +65,7 @@ def train(args, pad: str) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     rows = np.load(args.rows)
-    ids_all, labels_all, pad_id = rows["ids"], rows["labels"], int(rows["pad_id"])
+    ids_all, labels_all, pad_id, offsets = rows["ids"], rows["labels"], int(rows["pad_id"]), rows["offsets"]
     spec = json.loads(Path(args.model).read_text())
     model, lora, opt_cfg = spec["model"], spec["lora"], spec["optimizer"]
     net = build(model, lora, spec.get("seed", 0))
@@ -72,13 +74,13 @@ def train(args, pad: str) -> dict:
     # schedule with warm-up, global-norm clipping 1.0.
     opt = torch.optim.AdamW(trainable, lr=opt_cfg["learning_rate"], betas=(opt_cfg["beta1"], opt_cfg["beta2"]),
                             eps=opt_cfg["eps"], weight_decay=opt_cfg["weight_decay"])
-    steps = len(ids_all)
+    steps = len(offsets) - 1
     sched = get_cosine_schedule_with_warmup(opt, int(opt_cfg["warmup_ratio"] * steps), steps)
     net.train()
-    seq_length = ids_all.shape[2] - 1
+    seq_length = ids_all.shape[1] - 1
     per_step = []
     for step in range(steps):
-        ids, labels = ids_all[step], labels_all[step]
+        ids, labels = ids_all[offsets[step]:offsets[step + 1]], labels_all[offsets[step]:offsets[step + 1]]
         t0 = time.perf_counter()
         real = ids != pad_id
         if pad == "longest":   # the batch's longest row (up to its last non-pad token)
@@ -100,7 +102,7 @@ def train(args, pad: str) -> dict:
         # useful tokens: the tool's count (non-pad tokens of the row's first seq_length), same rows
         per_step.append({"seconds": dt, "tokens": int((ids[:, :-1] != pad_id).sum()), "processed": int(x.numel()),
                          "length": length, "loss": loss_value, "grad_norm": float(norm)})
-    return {"pad": pad, "steps": steps, "batch_size": int(ids_all.shape[1]), "seq_length": seq_length,
+    return {"pad": pad, "steps": steps, "examples_per_step": float(np.diff(offsets).mean()), "seq_length": seq_length,
             "per_step": per_step, "peak_rss_gb_self": vm_hwm_gb(), "torch_threads": torch.get_num_threads(),
             "attn_implementation": "sdpa", "trainable_params": sum(p.numel() for p in trainable),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -50,11 +50,16 @@ def ms_setup(cfg, work: Path) -> None:
 
 def rows(args: dict) -> dict:
     """Prepare the data (finetune.prepare.prepare, cached in output_root) and write, per size, the
-    rows of the tool's train stage batch by batch in its order: train.run_steps takes batch order[s]
-    (train.batch_order) = rows k*B..k*B+B-1 of the MindRecord file at step s. Also which steps the
-    tool compiles a graph in (a batch length bucket not seen before: those steps are left out of its
-    tokens/s, and out of PEFT's too)."""
-    from finetune.data.mindrecord import read_shards
+    examples of the tool's train stage step by step in its order, so that PEFT trains on exactly
+    the same examples in the same steps: train.run_steps takes global batch order[s]
+    (train.batch_order) at step s, i.e. packed rows k*B..k*B+B-1 (train.packing, the default: the
+    rows' examples) or MindRecord rows k*B..k*B+B-1 (train.packing=false). Written: ids / labels
+    [examples, seq_length + 1] in step order, offsets [steps + 1] (step s = examples offsets[s] ..
+    offsets[s+1] - 1), the tool's processed rows x length per step (`row_length`: seq_length
+    packed, the batch's length bucket unpacked), and which steps compile a graph (a shape not seen
+    before: left out of the tool's tokens/s, and out of PEFT's too)."""
+    from finetune.data.mindrecord import read_all_shards
+    from finetune.data.packing import pack
     from finetune.data.prepared import TRAIN_RECORDS
     from finetune.forward import bucket, labelled_per_row, row_lengths
     from finetune.prepare import prepare
@@ -64,28 +69,36 @@ def rows(args: dict) -> dict:
     cfg = config(args["overrides"])
     tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
     prepared = prepare(cfg, tok)
-    ids, labels = read_shards(prepared / TRAIN_RECORDS)
+    ids, labels = read_all_shards(prepared / TRAIN_RECORDS)
     pad_id, seq_length, k = tok.pad_id, ids.shape[1] - 1, labelled_per_row(labels)
-    out = {"prepared": str(prepared), "sizes": {},
+    packed = pack(ids, labels, pad_id, seq_length, cfg.seed) if cfg.train.packing else None
+    out = {"prepared": str(prepared), "sizes": {}, "packing": bool(cfg.train.packing),
            "tokenizer": {"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": pad_id}}
     for size, spec in args["sizes"].items():
         b, steps = spec["batch_size"], spec["steps"]
-        per_epoch = len(ids) // b
-        batch_ids, batch_labels, buckets, compiled, seen = [], [], [], [], set()
+        per_epoch = (len(packed) if packed is not None else len(ids)) // b
+        chosen, offsets, row_length, compiled, seen = [], [0], [], [], set()
         for step in range(steps):
             epoch, s = divmod(step, per_epoch)
             j = int(batch_order(per_epoch, epoch, cfg.seed, spec["shuffle"])[s])
-            x, y = ids[j * b:(j + 1) * b], labels[j * b:(j + 1) * b]
-            length = bucket(int(row_lengths(x, pad_id).max()) - 1, seq_length)   # forward.batch_inputs' length
+            if packed is not None:
+                members = [i for r in range(j * b, (j + 1) * b) for i in packed.examples[r]]
+                length = seq_length
+            else:
+                members = list(range(j * b, (j + 1) * b))
+                length = bucket(int(row_lengths(ids[members], pad_id).max()) - 1, seq_length)  # batch_inputs' length
+            chosen += members
+            offsets.append(len(chosen))
             compiled.append(length not in seen)
             seen.add(length)
-            batch_ids.append(x)
-            batch_labels.append(y)
-            buckets.append(length)
+            row_length.append(length)
         Path(spec["out_rows"]).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(spec["out_rows"], ids=np.stack(batch_ids), labels=np.stack(batch_labels), pad_id=pad_id,
-                 bucket=np.asarray(buckets), compiled=np.asarray(compiled), answers_per_row=k)
-        out["sizes"][size] = {"rows_total": int(len(ids)), "steps": steps, "buckets": sorted(seen)}
+        np.savez(spec["out_rows"], ids=ids[chosen], labels=labels[chosen], offsets=np.asarray(offsets),
+                 rows_per_step=b, pad_id=pad_id, row_length=np.asarray(row_length), compiled=np.asarray(compiled),
+                 answers_per_row=k, packing=packed is not None)
+        out["sizes"][size] = {"examples_total": int(len(ids)),
+                              "rows_total": int(len(packed) if packed is not None else len(ids)),
+                              "steps": steps, "row_lengths": sorted(seen)}
     return out
 
 

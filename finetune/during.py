@@ -85,7 +85,7 @@ class DuringTraining:
     def _general_loss(self) -> float:
         import mindspore as ms
 
-        from .forward import answer_loss_cell, batch_inputs, labelled_per_row
+        from .forward import answer_loss_cell, batch_inputs, eval_bucket, labelled_per_row
         from .model import IGNORE_ID
 
         if not hasattr(self, "_loss_cell"):
@@ -94,7 +94,8 @@ class DuringTraining:
         k = labelled_per_row(labels)
         total, weight = 0.0, 0
         for i in range(0, len(ids), self.batch_size):
-            arrays, _ = batch_inputs(ids[i:i + self.batch_size], labels[i:i + self.batch_size], self.tok.pad_id, k)
+            arrays, _ = batch_inputs(ids[i:i + self.batch_size], labels[i:i + self.batch_size], self.tok.pad_id, k,
+                                     fit=eval_bucket)
             n = int((labels[i:i + self.batch_size, 1:] != IGNORE_ID).sum())
             total += float(self._loss_cell(*(ms.Tensor(a) for a in arrays)).asnumpy()) * n
             weight += n

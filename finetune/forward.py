@@ -4,8 +4,12 @@
   loss (the answer tokens and EOS), not on every position; MindFormers' LlamaForCausalLM computes
   [batch x seq x vocab] logits and keeps ~16 fp32 copies of them for the backward pass.
 - evaluation: the head runs on the last prompt position of each row only.
-- every batch is cut to a length bucket (`bucket`) instead of model.seq_length: padding after a
-  row's last token cannot change its logits (causal attention), so it need not be computed.
+- training on packed rows (data/packing.py, `packed_loss_cell`): many examples per row of exactly
+  model.seq_length positions, each attending to itself only: one shape, one compiled graph.
+- every other batch is cut to a length instead of model.seq_length: padding after a row's last
+  token cannot change its logits (causal attention), so it need not be computed. Evaluation,
+  prediction and generation use powers of two (`eval_bucket`: few shapes, known in advance);
+  unpacked training (train.packing=false) finer buckets (`bucket`: less padding, more graphs).
   Rows of similar length are batched together (prepared training data is sorted by length within
   chunks, evaluation prompts are taken in order of length), so little padding is left.
 
@@ -31,6 +35,21 @@ def bucket(length: int, limit: int) -> int:
         return min(limit, MIN_BUCKET)
     step = (1 << ((length - 1).bit_length() - 1)) // 4      # a quarter of the power of two below length
     return min(limit, -(-length // step) * step)
+
+
+def eval_bucket(length: int, limit: int) -> int:
+    """The input length of an evaluation, prediction or generation batch: the smallest power of two
+    from MIN_BUCKET up that holds `length` tokens, at most `limit` (model.seq_length). Inference
+    graphs are cheap to keep but each costs a compile: at most 6 shapes up to 2048 (64 .. 2048),
+    known before any data is read (plan counts them)."""
+    return min(limit, max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length()))
+
+
+def eval_buckets(lengths, limit: int, batch_size: int) -> list[int]:
+    """The distinct eval_bucket lengths that prompts of these lengths, taken in order of length
+    batch_size at a time (scoring.letter_logits, generate.greedy_generate), are run at."""
+    ordered = sorted(lengths)
+    return sorted({eval_bucket(max(ordered[i:i + batch_size]), limit) for i in range(0, len(ordered), batch_size)})
 
 
 def causal_lm(net):
@@ -99,6 +118,104 @@ def answer_loss_cell(net):
             return self.lm.loss(ops.cast(logits, f32), target, mask)
 
     return AnswerLoss()
+
+
+def packed_loss_cell(net):
+    """A Cell for training on packed rows (data/packing.py): construct(tokens, segments, positions
+    [B, L], flat [B*k], target [B*k], weight [B*k]) -> sum(weight * cross-entropy) over the
+    labelled positions `flat`. Each example of a row attends only to its own earlier tokens (a
+    block-diagonal causal mask from the segments) and has its own rotary positions (restarting at
+    0), so its logits are those of the example run alone; the head runs on the labelled positions
+    only. With weight = 1 / (labelled positions of the optimizer step) the loss is the step's mean."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    f32 = ms.float32
+    decoder = packed_decoder(net)
+
+    class PackedLoss(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.decoder = decoder
+            self.lm = decoder.lm
+
+        def construct(self, tokens, segments, positions, flat, target, weight):
+            hidden = self.decoder(tokens, segments, positions)                          # [B*L, H]
+            logits = ops.cast(self.lm.lm_head(ops.gather(hidden, flat, 0)), f32)        # [B*k, V]
+            logp = ops.log_softmax(logits, -1)
+            picked = ops.gather_elements(logp, 1, ops.reshape(target, (-1, 1)))         # [B*k, 1]
+            return -ops.reduce_sum(ops.reshape(picked, (-1,)) * weight)
+
+    return PackedLoss()
+
+
+def packed_logits_cell(net):
+    """construct(tokens, segments, positions [B, L], flat [N]) -> float32 logits [N, V] at the
+    flattened positions `flat` of packed rows (the same attention and positions as training)."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    decoder = packed_decoder(net)
+
+    class PackedLogits(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.decoder = decoder
+            self.lm = decoder.lm
+
+        def construct(self, tokens, segments, positions, flat):
+            hidden = self.decoder(tokens, segments, positions)
+            return ops.cast(self.lm.lm_head(ops.gather(hidden, flat, 0)), ms.float32)
+
+    return PackedLogits()
+
+
+def packed_decoder(net):
+    """The model's decoder over packed rows: construct(tokens, segments, positions [B, L]) ->
+    final-norm hidden states [B*L, H]. It runs the model's own cells (embedding, every decoder
+    layer as it is, recompute included, final norm); only the mask and the rotary tables differ
+    from LLamaModel.construct: the mask lets position i see position j when j <= i and both
+    belong to the same segment, in the model's own convention (an additive -10000 for the plain
+    attention, a uint8 'masked' flag for flash attention); the rotary tables are gathered at each
+    token's position id."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    lm = causal_lm(net)
+    model = lm.model
+    if getattr(model, "rmsnorm_compute_2d", False):
+        raise ValueError("packed training: rmsnorm_compute_2d (2-D hidden states) is not supported")
+
+    class PackedDecoder(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.lm = lm
+            self.num_layers = len(lm.model.layers)
+
+        def construct(self, tokens, segments, positions):
+            model = self.lm.model
+            b, length = tokens.shape
+            causal = model.casual_mask
+            same = ops.cast(ops.equal(ops.expand_dims(segments, 2), ops.expand_dims(segments, 1)), causal.dtype)
+            lower = ops.expand_dims(causal.lower_triangle_mask[:length, :length], 0)          # [1, L, L]
+            hidden_mask = ops.expand_dims(ops.sub(causal.one, ops.mul(same, lower)), 1)      # 1 = masked
+            if causal.use_flash_attention:
+                mask = ops.cast(hidden_mask, ms.uint8)
+            else:
+                mask = ops.mul(hidden_mask, causal.multiply_data)
+            freqs_mgr = model.freqs_mgr
+            head_dim = freqs_mgr.head_dim
+            where = ops.reshape(positions, (-1,))
+            cos = ops.reshape(ops.gather(freqs_mgr.freqs_cos, where, 0), (b, 1, length, head_dim))
+            sin = ops.reshape(ops.gather(freqs_mgr.freqs_sin, where, 0), (b, 1, length, head_dim))
+            freqs = (cos, sin, freqs_mgr.swap_mask)
+            h = ops.reshape(ops.cast(model.tok_embeddings(tokens), model.dtype), (b, length, -1))
+            for i in range(self.num_layers):
+                h = model.layers[i](h, freqs, mask)
+            h = model.norm_out(h)
+            return ops.reshape(h, (b * length, -1))
+
+    return PackedDecoder()
 
 
 def last_logits_cell(net):
@@ -253,13 +370,15 @@ def _kv_cells(net):
     return Prefill(), Step()
 
 
-def batch_inputs(ids: np.ndarray, labels: np.ndarray, pad_id: int, answers_per_row: int | None) -> tuple:
+def batch_inputs(ids: np.ndarray, labels: np.ndarray, pad_id: int, answers_per_row: int | None,
+                 fit=bucket) -> tuple:
     """The step's inputs for rows of prepared data ([B, seq_length + 1] ids and labels) and the tokens
     the model processes. answers_per_row None: the whole rows, for the model's own loss over every
     position (pretraining on packed text). Otherwise (LoRA on exam questions) the rows are cut to a
-    length bucket and the loss is taken at the labelled positions only (forward.answer_loss_cell)."""
+    length `fit(longest, seq_length)` (a training bucket, or eval_bucket for a loss measured during
+    training) and the loss is taken at the labelled positions only (forward.answer_loss_cell)."""
     if answers_per_row is None:
         return (ids, labels), ids[:, :-1].size
-    length = bucket(int(row_lengths(ids, pad_id).max()) - 1, ids.shape[1] - 1)   # tokens the model reads
+    length = fit(int(row_lengths(ids, pad_id).max()) - 1, ids.shape[1] - 1)   # tokens the model reads
     flat, target, mask = answer_positions(ids[:, :length + 1], labels[:, :length + 1], pad_id, answers_per_row)
     return (ids[:, :length], flat, target, mask), ids.shape[0] * length

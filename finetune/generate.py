@@ -8,7 +8,8 @@ next token depends only on its own tokens, never on its batch neighbours or thei
   positions' keys and values from the cache: the cost of a new token does not grow with the
   prompt (attention reads the cache, the projections, feed-forward and head see one token).
 - uncached (cache=False, the reference the cached path is tested against): every new token is a
-  forward pass over the whole batch cut to its current length bucket, head on the last position.
+  forward pass over the whole batch cut to its current length bucket (forward.eval_bucket), head
+  on the last position.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def _pick(logits: np.ndarray, seqs: list[list[int]], done: list[bool], new: list
 def _uncached_chunk(net, seqs, max_new_tokens, eos_id, pad_id, seq_length, batch_size, counts):
     import mindspore as ms
 
-    from .forward import bucket, last_logits_cell
+    from .forward import eval_bucket, last_logits_cell
 
     head = last_logits_cell(net)
     head.set_train(False)
@@ -64,7 +65,7 @@ def _uncached_chunk(net, seqs, max_new_tokens, eos_id, pad_id, seq_length, batch
     for _ in range(max_new_tokens):
         if all(done):
             break
-        length = bucket(max(len(s) for s, d in zip(seqs, done) if not d), seq_length)
+        length = eval_bucket(max(len(s) for s, d in zip(seqs, done) if not d), seq_length)
         x = np.full((batch_size, length), pad_id, np.int32)
         flat = np.arange(batch_size, dtype=np.int32) * length
         for row, s in enumerate(seqs):
@@ -83,7 +84,7 @@ def _cached_chunk(net, seqs, max_new_tokens, eos_id, pad_id, seq_length, batch_s
     new tokens), then feed each row's newest token at its position until every row is done."""
     import mindspore as ms
 
-    from .forward import bucket, kv_cells
+    from .forward import eval_bucket, kv_cells
 
     prefill, step = kv_cells(net)
     prefill.set_train(False)
@@ -92,7 +93,7 @@ def _cached_chunk(net, seqs, max_new_tokens, eos_id, pad_id, seq_length, batch_s
     done = [len(s) >= seq_length for s in seqs]
     if all(done) or max_new_tokens <= 0:
         return new
-    size = bucket(max(len(s) for s in seqs) + max_new_tokens, seq_length)
+    size = eval_bucket(max(len(s) for s in seqs) + max_new_tokens, seq_length)
     tokens = np.full((batch_size, size), pad_id, np.int32)   # the cache's tokens, for the padding mask
     flat = np.arange(batch_size, dtype=np.int32) * size
     for row, s in enumerate(seqs):

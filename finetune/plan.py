@@ -19,6 +19,7 @@ from .errors import ConfigError
 from .launch import msrun_command, world_size
 from .layout import NORMS, dense_layers, module_param_counts
 from .redact import redact
+from .schema import Config
 
 # MindSpore reads max_device_memory="58GB" as 58 x 2^30 bytes (kGBToByte = 1024 << 20 in its
 # runtime), so every memory figure here is in that unit, to compare like with like.
@@ -175,6 +176,74 @@ def run_command(cfg, run_dir: Path, overrides: list[str]) -> list[str]:
     return msrun_command(cfg, run_dir, kept)
 
 
+def power_of_two_lengths(seq_length: int) -> list[int]:
+    """Every input length forward.eval_bucket can give up to seq_length: 64, 128, ... and seq_length."""
+    from .forward import eval_bucket
+
+    return sorted({eval_bucket(1 << n, seq_length) for n in range(seq_length.bit_length() + 1)})
+
+
+def compiled_graphs(cfg, prepared: Path | None, tok) -> dict[str, dict]:
+    """How many graphs each stage compiles: {stage: {"graphs": n, "exact": bool, "lengths": [...]}}.
+    Exact for the data it will see when the data is prepared (a plan run after `prepare`, or with
+    it in stages); otherwise the most any data could need (exact=False).
+
+    train: packed rows have one shape: one graph (two with gradient accumulation: the accumulating
+    micro-step and the updating step); unpacked, one per length bucket its batches meet. evaluate:
+    letter scoring at the power-of-two lengths its prompt batches need; greedy generation (SQuAD,
+    eval.mc.method=generate) a prefill and a one-token step graph per cache length. predict: as
+    evaluate's letter scoring on its input."""
+    from .data.prepared import dataset_squad
+    from .forward import bucket, eval_buckets, row_lengths
+
+    seq = cfg.model.seq_length
+    # the stages the real run has: a plan-only run stands for the default ones (plan.run_command)
+    stages = [str(s) for s in cfg.stages if str(s) != "plan"] or [str(s) for s in Config().stages]
+    per_step = 2 if cfg.parallel.gradient_accumulation_steps > 1 else 1
+    pow2 = power_of_two_lengths(seq)
+    out: dict[str, dict] = {}
+    if "train" in stages:
+        if cfg.train.packing:
+            out["train"] = {"graphs": per_step, "exact": True, "lengths": [seq]}
+        elif prepared is not None:
+            from .data.mindrecord import read_shards
+            from .data.prepared import TRAIN_RECORDS
+
+            ids, _ = read_shards(prepared / TRAIN_RECORDS, cfg.parallel.data_parallel, 0)
+            b = cfg.train.batch_size
+            lengths = sorted({bucket(int(row_lengths(ids[i:i + b], tok.pad_id).max()) - 1, seq)
+                              for i in range(0, len(ids) - b + 1, b)})
+            out["train"] = {"graphs": per_step * len(lengths), "exact": True, "lengths": lengths}
+        else:
+            lengths = sorted({bucket(n, seq) for n in range(1, seq + 1)})
+            out["train"] = {"graphs": per_step * len(lengths), "exact": False, "lengths": lengths}
+    generate_mc = cfg.eval.mc.method == "generate"
+    if "evaluate" in stages or "predict" in stages:
+        mc = None
+        if prepared is not None and not generate_mc:
+            from .data.prepared import load_questions
+            from .scoring import build_eval_prompts
+
+            questions = load_questions(prepared, "eval")
+            if cfg.eval.limit is not None:
+                questions = questions[:cfg.eval.limit]
+            prompts, _ = build_eval_prompts(questions, load_questions(prepared, "dev"), cfg.dataset.style,
+                                            cfg.eval.num_shots, tok, seq)
+            mc = eval_buckets([len(p) for p in prompts], seq, cfg.eval.batch_size)
+        if "evaluate" in stages:
+            lengths = mc if mc is not None else pow2
+            graphs = len(lengths) * (2 if generate_mc else 1)
+            squad = bool(cfg.eval.squad.path) or (dataset_squad(prepared) is not None if prepared is not None else
+                                                  cfg.dataset.name == "demo" and cfg.dataset.demo.squad_questions > 0)
+            if squad:   # greedy answers: a prefill and a step graph per cache length
+                graphs += 2 * len(pow2)
+            out["evaluate"] = {"graphs": graphs, "exact": mc is not None and not squad, "lengths": lengths}
+        if "predict" in stages:
+            lengths = mc if mc is not None and not cfg.predict.input else pow2
+            out["predict"] = {"graphs": len(lengths), "exact": lengths is mc, "lengths": lengths}
+    return out
+
+
 def _group(name: str) -> str:
     if name == "model.tok_embeddings":
         return "embedding"
@@ -214,13 +283,16 @@ def plan(ctx) -> dict:
         "missing_files": missing_files(cfg),
         "msrun_command": shlex.join(command),
     }
+    graphs = compiled_graphs(cfg, ctx.prepared, ctx.tok)
+    result.update({f"plan_{stage}_graphs": g["graphs"] for stage, g in graphs.items()})
     fits = limit is None or totals[chosen] <= limit
     report = {**result, "config": OmegaConf.to_container(cfg, resolve=True),
               "vocab_size": vocab, "vocab_source": vocab_source,
               "param_groups": groups, "params_per_module": counts,
               "lora_layers": sorted(adapted), "memory_bytes": mem,
               "memory_total_bytes": totals, "memory_chosen": chosen,
-              "max_device_memory_bytes": limit, "fits": fits, "command": command, "gb_unit_bytes": GB}
+              "max_device_memory_bytes": limit, "fits": fits, "command": command, "gb_unit_bytes": GB,
+              "compiled_graphs": graphs}
     path = run_dir / "plan.json"
     path.write_text(redact(json.dumps(report, indent=1, default=str)), encoding="utf-8")
     print(redact(format_plan(cfg, report)))
@@ -262,6 +334,10 @@ def format_plan(cfg, r: dict) -> str:
                  f"{'fits' if r['fits'] else 'DOES NOT FIT'})")
     lines.append(f"  tokens per optimizer step    {cfg.train.batch_size} x {par.data_parallel} x "
                  f"{par.gradient_accumulation_steps} x {cfg.model.seq_length} = {r['plan_tokens_per_step']:,}")
+    for stage, g in r["compiled_graphs"].items():
+        lengths = ", ".join(map(str, g["lengths"]))
+        lines.append(f"  {stage + ' graphs':<29}{'' if g['exact'] else 'at most '}{g['graphs']} "
+                     f"(input lengths {lengths})")
     lines.append(f"  missing files                {', '.join(r['missing_files']) or 'none'}")
     lines.append(f"  command                      {r['msrun_command']}")
     return "\n".join(lines)

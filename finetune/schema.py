@@ -227,6 +227,10 @@ class TrainConfig:
     batch_size: int = 16           # per device, per micro-step
     max_steps: Optional[int] = None  # optimizer steps cap, for quick runs
     shuffle: bool = True
+    # Pack examples into rows of exactly model.seq_length positions (each attends to itself only):
+    # one compiled training graph; batch_size then counts packed rows. false: one row per example,
+    # each batch cut to a length bucket (a graph per bucket).
+    packing: bool = True
     save: SaveConfig = field(default_factory=SaveConfig)
     resume: bool = False           # continue from the newest checkpoint in the run dir
     # A run dir holds one training run: training again where checkpoints exist is refused unless

@@ -56,14 +56,14 @@ def letter_logits(net, token_lists: list[list[int]], letter_ids: list[int], batc
     """[N, 4] logits of the letter tokens at each prompt's last position.
 
     Prompts are taken in order of length, batch_size at a time, each batch right-padded to its
-    length bucket (forward.bucket: a multiple of 64 up to seq_length; the last batch filled with
-    padding rows), and the head runs on the last prompt position only (forward.last_logits_cell).
+    length bucket (forward.eval_bucket: a power of two from 64 up to seq_length; the last batch
+    filled with padding rows), and the head runs on the last prompt position only (forward.last_logits_cell).
     With causal attention, padding after a prompt cannot change the logits at its last position,
     so the result is the full model's at that position. `stats`, when given, gets the tokens
     processed and padded and the compiled shapes."""
     import mindspore as ms
 
-    from .forward import bucket, last_logits_cell
+    from .forward import eval_bucket, last_logits_cell
 
     head = last_logits_cell(net)
     head.set_train(False)
@@ -73,7 +73,7 @@ def letter_logits(net, token_lists: list[list[int]], letter_ids: list[int], batc
     shapes = set()
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        length = bucket(max(len(token_lists[i]) for i in chunk), seq_length)
+        length = eval_bucket(max(len(token_lists[i]) for i in chunk), seq_length)
         x = np.full((batch_size, length), pad_id, np.int32)
         flat = np.arange(batch_size, dtype=np.int32) * length      # padding rows: position 0
         for row, i in enumerate(chunk):

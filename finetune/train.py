@@ -19,12 +19,14 @@ from tqdm import tqdm
 from .adapter import ADAPTER_FILE, load_adapter, lora_differences, read_adapter, save_adapter
 from .checkpoints import (add_to_index, newest_valid, read_index, read_run_record, save_steps,
                           setting_differences, write_run_record)
-from .data.mindrecord import read_shards
+from .data.mindrecord import read_all_shards, read_shards
+from .data.packing import PackedRows, pack, pad_fraction, step_inputs
+from .data.packing import labelled_per_row as packed_labels_per_row
 from .errors import ModelError, TrainingDiverged
-from .forward import answer_loss_cell, batch_inputs, labelled_per_row
+from .forward import answer_loss_cell, batch_inputs, labelled_per_row, packed_loss_cell
 from .lora import apply_lora
 from .ckpt import read_checkpoint, save_checkpoint
-from .model import count_params, param_summary
+from .model import IGNORE_ID, count_params, param_summary
 
 log = logging.getLogger("finetune.train")
 
@@ -42,6 +44,55 @@ class Schedule:
     # Under dynamic loss scaling, a non-finite step is an overflow: skipped, the scale halved. This
     # many in a row means the run diverged, not the scale. Without loss scaling: the first one.
     max_nonfinite_steps: int = 8
+
+
+@dataclass(frozen=True)
+class Feed:
+    """What run_steps trains on. rows: rows per rank (steps per epoch = rows // (batch x
+    accumulation)); loss_cell(net): the Cell whose output is the loss; micro(k, m, b, acc):
+    (inputs, tokens processed, real tokens) of micro-batch m of global batch k on this rank,
+    the token counts over all ranks."""
+    rows: int
+    loss_cell: object
+    micro: object
+    packed: bool = False
+
+
+def row_feed(ids: np.ndarray, labels: np.ndarray, pad_id: int, sparse: bool, world: int = 1) -> Feed:
+    """Rows of this rank's shard as they are ([N, seq_length + 1]). sparse: each batch cut to a
+    length bucket and the loss taken at the labelled positions only (forward.batch_inputs: the
+    same loss and gradients as the full model); else the model's own loss over every position
+    (pretraining on packed text)."""
+    answers_per_row = labelled_per_row(labels) if sparse else None
+
+    def micro(k: int, m: int, b: int, accumulation: int):
+        rows = slice((k * accumulation + m) * b, (k * accumulation + m + 1) * b)
+        arrays, processed = batch_inputs(ids[rows], labels[rows], pad_id, answers_per_row)
+        return arrays, processed * world, int((ids[rows][:, :-1] != pad_id).sum()) * world  # every rank takes as many
+
+    return Feed(rows=len(ids), loss_cell=answer_loss_cell if sparse else (lambda net: net), micro=micro)
+
+
+def packed_feed(packed: PackedRows, rank: int = 0, world: int = 1) -> Feed:
+    """Packed rows (data/packing.py), all of them on every rank: global batch k is rows k*G ..
+    (k+1)*G - 1 (G = batch x accumulation x world) whatever the device count; micro-batch m of
+    rank r takes b of them. Each labelled position is weighted by acc x world / (labelled
+    positions of the whole optimizer step), so after the step averages micro-batches and ranks
+    the loss is the step's mean over its labelled tokens, however they fall on rows and ranks."""
+    k_per_row = packed_labels_per_row(packed.targets)
+    labelled = (packed.targets != IGNORE_ID).sum(axis=1)
+    real = (packed.segments > 0).sum(axis=1)
+    length = packed.tokens.shape[1]
+
+    def micro(k: int, m: int, b: int, accumulation: int):
+        g = b * accumulation * world
+        weight = accumulation * world / max(int(labelled[k * g:(k + 1) * g].sum()), 1)
+        start = k * g + m * world * b      # this micro-batch, every rank
+        index = np.arange(start + rank * b, start + (rank + 1) * b)
+        return (step_inputs(packed, index, k_per_row, weight), world * b * length,
+                int(real[start:start + world * b].sum()))
+
+    return Feed(rows=len(packed) // world, loss_cell=packed_loss_cell, micro=micro, packed=True)
 
 
 def make_optimizer(params, opt_cfg, total_steps: int):
@@ -165,31 +216,29 @@ def total_steps(rows: int, rows_per_step: int, epochs: int, max_steps: int | Non
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "loss_scale")
 
 
-def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, opt_cfg, hw, pad_id: int, tracker,
-              prefix: str, desc: str, world: int = 1, log_file: Path | None = None, save_at=(), on_save=None,
-              resume_state: tuple[int, Path] | None = None, sparse: bool = False, on_step=None) -> dict:
+def run_steps(net, feed: Feed, schedule: Schedule, *, opt_cfg, hw, tracker, prefix: str, desc: str, world: int = 1,
+              log_file: Path | None = None, save_at=(), on_save=None, resume_state: tuple[int, Path] | None = None,
+              on_step=None) -> dict:
     """The training loop shared by LoRA fine-tuning and base pretraining.
 
-    ids/labels are this rank's shard; one optimizer step takes batch_size x accumulation rows
-    from every rank. on_save(step, state) runs after the steps listed in save_at, with state =
-    optimizer_state(...); resume_state = (step, state file) continues after that step.
-    on_step(step, last) runs after every step (last: the run's final step); returning True stops
-    the run there (early stopping).
-    sparse: the loss only at labelled positions, rows cut to length buckets (batch_inputs); the
-    same loss and gradients as the full model, computed on the real tokens."""
+    `feed` gives each micro-batch's inputs (row_feed: this rank's rows; packed_feed: packed rows);
+    one optimizer step takes batch_size x accumulation rows from every rank. on_save(step, state)
+    runs after the steps listed in save_at, with state = optimizer_state(...); resume_state =
+    (step, state file) continues after that step. on_step(step, last) runs after every step
+    (last: the run's final step); returning True stops the run there (early stopping)."""
     import mindspore as ms
 
     batch_size, accumulation, seed = schedule.batch_size, schedule.accumulation, schedule.seed
     per_step = batch_size * accumulation
-    steps_per_epoch = len(ids) // per_step
+    steps_per_epoch = feed.rows // per_step
     if steps_per_epoch == 0:
+        what = "packed rows" if feed.packed else "training examples"
         raise ModelError(f"train.batch_size={batch_size} x gradient_accumulation_steps={accumulation} is more "
-                         f"than the {len(ids)} training examples (per device)")
-    total = total_steps(len(ids), per_step, schedule.epochs, schedule.max_steps)
+                         f"than the {feed.rows} {what} (per device)")
+    total = total_steps(feed.rows, per_step, schedule.epochs, schedule.max_steps)
     params = [p for p in net.get_parameters() if p.requires_grad]
     opt, lr_schedule = make_optimizer(params, opt_cfg, total)
-    answers_per_row = labelled_per_row(labels) if sparse else None
-    loss_net = answer_loss_cell(net) if sparse else net
+    loss_net = feed.loss_cell(net)
     micro_step, full_step, scaler = make_step(loss_net, opt, hw.loss_scale, opt_cfg.max_grad_norm, accumulation,
                                               world)
     state = optimizer_state(opt, scaler)
@@ -205,6 +254,7 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, o
 
     log_rows = _open_log(log_file, start)
     losses, tokens_done, timed_tokens, timed_seconds, skipped, processed, shapes = [], 0, 0, 0.0, 0, 0, set()
+    all_seconds = 0.0   # every step, compiles included
     nonfinite_run = 0   # non-finite steps in a row
     limit = schedule.max_nonfinite_steps if scaler is not None else 1
     order, order_epoch = None, -1
@@ -217,19 +267,21 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, o
         t0 = time.perf_counter()
         loss_sum, step_tokens, scale, compiled = 0.0, 0, current_scale(), False
         for m in range(accumulation):
-            rows = slice((k * accumulation + m) * batch_size, (k * accumulation + m + 1) * batch_size)
-            arrays, n_processed = batch_inputs(ids[rows], labels[rows], pad_id, answers_per_row)
-            processed += n_processed * world
-            compiled |= arrays[0].shape not in shapes   # a new shape: this step compiles the graph
-            shapes.add(arrays[0].shape)
+            arrays, n_processed, n_real = feed.micro(k, m, batch_size, accumulation)
+            processed += n_processed
+            # a new shape (or the first micro-step graph): this step compiles a graph
+            key = (m < accumulation - 1, arrays[0].shape)
+            compiled |= key not in shapes
+            shapes.add(key)
             inputs = tuple(ms.Tensor(a) for a in arrays)
             if m < accumulation - 1:
                 loss = micro_step(*inputs)
             else:
                 loss, norm, finite = full_step(*inputs)
             loss_sum += float(loss.asnumpy().item()) / scale
-            step_tokens += int((ids[rows][:, :-1] != pad_id).sum()) * world  # every rank takes as many rows
+            step_tokens += n_real
         dt = time.perf_counter() - t0
+        all_seconds += dt
         loss_value = loss_sum / accumulation
         finite = bool(finite.asnumpy()) and math.isfinite(loss_value)
         skipped += not finite
@@ -273,8 +325,10 @@ def run_steps(net, ids: np.ndarray, labels: np.ndarray, schedule: Schedule, *, o
     tokens_per_s = timed_tokens / timed_seconds if timed_seconds else float("nan")
     return {"steps": total, "steps_this_run": total - start, "loss_first": losses[0] if losses else float("nan"),
             "loss_last": losses[-1] if losses else float("nan"), "losses": losses, "tokens_per_s": tokens_per_s,
-            "tokens": tokens_done, "overflow_steps": skipped, "seconds": timed_seconds,
-            # padded / processed tokens, and how many input shapes the step was compiled for
+            "tokens_per_s_all_steps": tokens_done / all_seconds if all_seconds else float("nan"),
+            "tokens": tokens_done, "overflow_steps": skipped, "seconds": timed_seconds, "seconds_all_steps": all_seconds,
+            # padded / processed tokens, and how many step graphs were compiled (one per input shape
+            # and kind: the accumulating micro-step and the updating step are two graphs)
             "pad_fraction": 1 - tokens_done / processed if processed else float("nan"), "shapes": len(shapes)}
 
 
@@ -296,7 +350,16 @@ def train(ctx) -> dict:
     evenly spaced checkpoints (run_dir/checkpoints/) that merge and resume read."""
     cfg, run_dir, r = ctx.cfg, ctx.run_dir, ctx.rank
     dp = cfg.parallel.data_parallel
-    ids, labels = read_shards(ctx.prepared / "mindrecord" / "train.mindrecord", num_shards=dp, shard_id=r)
+    records = ctx.prepared / "mindrecord" / "train.mindrecord"
+    if cfg.train.packing:   # every rank packs every example the same way and takes its rows
+        ids, labels = read_all_shards(records, dp)
+        packed = pack(ids, labels, ctx.tok.pad_id, cfg.model.seq_length, cfg.seed)
+        feed = packed_feed(packed, r, dp)
+        log.info("packed %d examples into %d rows of %d positions (%.1f per row, %.1f%% padding)", len(ids),
+                 len(packed), cfg.model.seq_length, len(ids) / len(packed), 100 * pad_fraction(packed))
+    else:                   # this rank's shard, each batch cut to a length bucket
+        ids, labels = read_shards(records, num_shards=dp, shard_id=r)
+        feed = row_feed(ids, labels, ctx.tok.pad_id, sparse=True, world=dp)
     net = apply_lora(ctx.load_base(cfg.train.batch_size), cfg.lora, cfg.seed)
     counts = count_params(net)
     log.info("trainable %s of %s base parameters (%.4f%%)", f"{counts['trainable']:,}", f"{counts['base']:,}",
@@ -325,7 +388,7 @@ def train(ctx) -> dict:
     schedule = Schedule(batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, seed=cfg.seed,
                         accumulation=cfg.parallel.gradient_accumulation_steps, max_steps=cfg.train.max_steps,
                         shuffle=cfg.train.shuffle, max_nonfinite_steps=cfg.train.max_nonfinite_steps)
-    total = total_steps(len(ids), schedule.batch_size * schedule.accumulation, schedule.epochs, schedule.max_steps)
+    total = total_steps(feed.rows, schedule.batch_size * schedule.accumulation, schedule.epochs, schedule.max_steps)
     save_at = save_steps(total, cfg.train.save.num_checkpoints)
 
     def on_save(step: int, state: list) -> None:
@@ -355,10 +418,10 @@ def train(ctx) -> dict:
             save_adapter(net, best_file)
         return during.should_stop and not last
 
-    stats = run_steps(net, ids, labels, schedule, opt_cfg=cfg.optimizer, hw=cfg.hardware, pad_id=ctx.tok.pad_id,
-                      tracker=ctx.tracker, prefix="train_", desc="LoRA train", world=dp,
+    stats = run_steps(net, feed, schedule, opt_cfg=cfg.optimizer, hw=cfg.hardware, tracker=ctx.tracker,
+                      prefix="train_", desc="LoRA train", world=dp,
                       log_file=run_dir / "train_log.csv" if r == 0 else None, save_at=save_at, on_save=on_save,
-                      resume_state=resume_state, sparse=True, on_step=on_step)
+                      resume_state=resume_state, on_step=on_step)
     if r == 0:
         save_adapter(net, run_dir / ADAPTER_FILE)
         if during is not None and during.best_step is not None:   # early stopping: the best one is kept
@@ -372,12 +435,16 @@ def train(ctx) -> dict:
         "train_loss_first": losses[0] if losses else stats["loss_first"],
         "train_loss_last": stats["loss_last"],
         "train_tokens_per_s": stats["tokens_per_s"],
+        "train_tokens_per_s_all_steps": stats["tokens_per_s_all_steps"],
         "train_pad_fraction": stats["pad_fraction"],
         "train_shapes": stats["shapes"],
+        "train_packing": bool(cfg.train.packing),
+        **({"train_packed_rows": len(packed), "train_examples_per_row": len(ids) / len(packed)}
+           if cfg.train.packing else {}),
         "train_steps": stats["steps"],
         "train_steps_this_run": stats["steps_this_run"],
         "train_overflow_steps": stats["overflow_steps"],
-        "train_examples": int(len(ids)) * dp,
+        "train_examples": int(len(ids)) * (1 if cfg.train.packing else dp),
         "train_global_batch": cfg.train.batch_size * schedule.accumulation * dp,
         "checkpoints": len(save_at),
         "adapter": str(run_dir / ADAPTER_FILE),
@@ -392,7 +459,7 @@ def train(ctx) -> dict:
 SETTINGS = ("lora.rank", "lora.alpha", "lora.dropout", "lora.target_modules", "optimizer.name",
             "optimizer.learning_rate", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
             "optimizer.weight_decay", "optimizer.warmup_ratio", "optimizer.max_grad_norm", "train.epochs",
-            "train.max_steps", "train.shuffle", "seed", "model.name", "model.seq_length", "model.checkpoint",
+            "train.max_steps", "train.shuffle", "train.packing", "seed", "model.name", "model.seq_length", "model.checkpoint",
             "hardware.compute_dtype", "hardware.loss_scale.kind")
 
 

@@ -17,7 +17,8 @@ from conftest import IN_CI, REPO, shared_path
 
 # Per benchmark: the keys that must hold positive numbers (train: in every size).
 TRAIN_KEYS = ("tool_tokens_per_s", "peft_tokens_per_s", "ratio_vs_peft", "tool_peak_rss_gb", "peft_peak_rss_gb",
-              "peft_full_pad_tokens_per_s", "memory_ratio_vs_peft")
+              "peft_full_pad_tokens_per_s", "memory_ratio_vs_peft", "tool_tokens_per_s_all_steps", "ratio_all_steps",
+              "ratio_first_steps", "tool_examples_per_step")
 EXPECTED = {
     "mfu": ("peak_gflops", "mfu"),
     "eval": ("time_ratio_long_vs_short", "peak_rss_gb"),

@@ -96,3 +96,15 @@ def read_shards(path: Path, num_shards: int = 1, shard_id: int = 0) -> tuple[np.
     if not ids:
         raise ValueError(f"{f}: MindRecord holds no examples")
     return np.stack(ids), np.stack(labels)
+
+
+def read_all_shards(path: Path, num_shards: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Every example of a sharded MindRecord in the one-shard order (write_shards dealt row i to
+    shard i % num_shards): what packed training reads on every rank."""
+    shards = [read_shards(path, num_shards, r) for r in range(num_shards)]
+    n = sum(len(ids) for ids, _ in shards)
+    ids = np.empty((n, shards[0][0].shape[1]), np.int32)
+    labels = np.empty_like(ids)
+    for r, (i, l) in enumerate(shards):
+        ids[r::num_shards], labels[r::num_shards] = i, l
+    return ids, labels
