@@ -59,7 +59,7 @@ def rows(args: dict) -> dict:
     packed, the batch's length bucket unpacked), and which steps compile a graph (a shape not seen
     before: left out of the tool's tokens/s, and out of PEFT's too)."""
     from finetune.data.mindrecord import read_all_shards
-    from finetune.data.packing import pack
+    from finetune.data.packing import pack, rows_per_step
     from finetune.data.prepared import TRAIN_RECORDS
     from finetune.forward import bucket, labelled_per_row, row_lengths
     from finetune.prepare import prepare
@@ -76,6 +76,8 @@ def rows(args: dict) -> dict:
            "tokenizer": {"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": pad_id}}
     for size, spec in args["sizes"].items():
         b, steps = spec["batch_size"], spec["steps"]
+        if packed is not None:   # train.batch_size examples -> rows (as train.train)
+            b = rows_per_step(b, len(ids), len(packed))   # one device, no accumulation
         per_epoch = (len(packed) if packed is not None else len(ids)) // b
         chosen, offsets, row_length, compiled, seen = [], [0], [], [], set()
         for step in range(steps):

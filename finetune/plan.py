@@ -128,7 +128,8 @@ def memory_totals(mem: dict[str, int]) -> dict[str, int]:
 
 def tokens_per_step(cfg) -> int:
     """Tokens per optimizer step = batch_size (per device, per micro-step) x data_parallel x
-    gradient_accumulation_steps x seq_length (padding included: the budget, not the real tokens)."""
+    gradient_accumulation_steps x seq_length (padding included: the budget, not the real tokens;
+    packed, at most: the step takes the rows that hold batch_size examples, fewer than batch_size)."""
     return (cfg.train.batch_size * cfg.parallel.data_parallel * cfg.parallel.gradient_accumulation_steps
             * cfg.model.seq_length)
 

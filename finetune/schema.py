@@ -224,12 +224,14 @@ class EarlyStoppingConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 6
-    batch_size: int = 16           # per device, per micro-step
+    # Examples per device per micro-step. Packed: the rows of model.seq_length that hold that many
+    # examples on average (data/packing.rows_per_step).
+    batch_size: int = 16
     max_steps: Optional[int] = None  # optimizer steps cap, for quick runs
     shuffle: bool = True
     # Pack examples into rows of exactly model.seq_length positions (each attends to itself only):
-    # one compiled training graph; batch_size then counts packed rows. false: one row per example,
-    # each batch cut to a length bucket (a graph per bucket).
+    # one compiled training graph. false: one row per example, each batch cut to a length bucket
+    # (a graph per bucket).
     packing: bool = True
     save: SaveConfig = field(default_factory=SaveConfig)
     resume: bool = False           # continue from the newest checkpoint in the run dir

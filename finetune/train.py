@@ -20,7 +20,7 @@ from .adapter import ADAPTER_FILE, load_adapter, lora_differences, read_adapter,
 from .checkpoints import (add_to_index, newest_valid, read_index, read_run_record, save_steps,
                           setting_differences, write_run_record)
 from .data.mindrecord import read_all_shards, read_shards
-from .data.packing import PackedRows, pack, pad_fraction, step_inputs
+from .data.packing import PackedRows, pack, pad_fraction, rows_per_step, step_inputs
 from .data.packing import labelled_per_row as packed_labels_per_row
 from .errors import ModelError, TrainingDiverged
 from .forward import answer_loss_cell, batch_inputs, labelled_per_row, packed_loss_cell
@@ -351,16 +351,21 @@ def train(ctx) -> dict:
     cfg, run_dir, r = ctx.cfg, ctx.run_dir, ctx.rank
     dp = cfg.parallel.data_parallel
     records = ctx.prepared / "mindrecord" / "train.mindrecord"
+    batch = cfg.train.batch_size
     if cfg.train.packing:   # every rank packs every example the same way and takes its rows
         ids, labels = read_all_shards(records, dp)
         packed = pack(ids, labels, ctx.tok.pad_id, cfg.model.seq_length, cfg.seed)
         feed = packed_feed(packed, r, dp)
-        log.info("packed %d examples into %d rows of %d positions (%.1f per row, %.1f%% padding)", len(ids),
-                 len(packed), cfg.model.seq_length, len(ids) / len(packed), 100 * pad_fraction(packed))
+        parts = dp * cfg.parallel.gradient_accumulation_steps
+        batch = rows_per_step(cfg.train.batch_size * parts, len(ids), len(packed), parts)
+        log.info("packed %d examples into %d rows of %d positions (%.2f per row, %.1f%% padding); "
+                 "train.batch_size=%d examples -> %d row(s) per device per micro-step", len(ids), len(packed),
+                 cfg.model.seq_length, len(ids) / len(packed), 100 * pad_fraction(packed), cfg.train.batch_size,
+                 batch)
     else:                   # this rank's shard, each batch cut to a length bucket
         ids, labels = read_shards(records, num_shards=dp, shard_id=r)
         feed = row_feed(ids, labels, ctx.tok.pad_id, sparse=True, world=dp)
-    net = apply_lora(ctx.load_base(cfg.train.batch_size), cfg.lora, cfg.seed)
+    net = apply_lora(ctx.load_base(batch), cfg.lora, cfg.seed)
     counts = count_params(net)
     log.info("trainable %s of %s base parameters (%.4f%%)", f"{counts['trainable']:,}", f"{counts['base']:,}",
              100 * counts["trainable"] / counts["base"])
@@ -385,7 +390,7 @@ def train(ctx) -> dict:
         check_fresh_run_dir(cfg, run_dir, clear=True)
         write_run_record(ckpt_dir, settings)
 
-    schedule = Schedule(batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, seed=cfg.seed,
+    schedule = Schedule(batch_size=batch, epochs=cfg.train.epochs, seed=cfg.seed,
                         accumulation=cfg.parallel.gradient_accumulation_steps, max_steps=cfg.train.max_steps,
                         shuffle=cfg.train.shuffle, max_nonfinite_steps=cfg.train.max_nonfinite_steps)
     total = total_steps(feed.rows, schedule.batch_size * schedule.accumulation, schedule.epochs, schedule.max_steps)
@@ -439,13 +444,13 @@ def train(ctx) -> dict:
         "train_pad_fraction": stats["pad_fraction"],
         "train_shapes": stats["shapes"],
         "train_packing": bool(cfg.train.packing),
-        **({"train_packed_rows": len(packed), "train_examples_per_row": len(ids) / len(packed)}
-           if cfg.train.packing else {}),
+        **({"train_packed_rows": len(packed), "train_examples_per_row": len(ids) / len(packed),
+            "train_rows_per_step": batch} if cfg.train.packing else {}),
         "train_steps": stats["steps"],
         "train_steps_this_run": stats["steps_this_run"],
         "train_overflow_steps": stats["overflow_steps"],
         "train_examples": int(len(ids)) * (1 if cfg.train.packing else dp),
-        "train_global_batch": cfg.train.batch_size * schedule.accumulation * dp,
+        "train_global_batch": cfg.train.batch_size * schedule.accumulation * dp,   # examples (on average, packed)
         "checkpoints": len(save_at),
         "adapter": str(run_dir / ADAPTER_FILE),
         **during_figures,

@@ -67,6 +67,17 @@ def test_an_eos_that_equals_pad_still_counts():
     assert rows.targets[0].tolist() == [IGNORE_ID, IGNORE_ID, 9, 2, IGNORE_ID, IGNORE_ID]
 
 
+def test_rows_per_step_holds_the_batch_in_examples():
+    # 1,000 examples in 250 rows (4 per row): 16 examples -> 4 rows; 10 -> 3 (2.5 rounded up)
+    assert packing.rows_per_step(16, 1000, 250) == 4
+    assert packing.rows_per_step(10, 1000, 250) == 3
+    assert packing.rows_per_step(1, 1000, 250) == 1                  # never zero
+    assert packing.rows_per_step(16, 1000, 1000) == 16               # one example per row: as unpacked
+    # the global batch split over 2 devices x 2 micro-batches: 64 examples -> 16 rows -> 4 per part
+    assert packing.rows_per_step(64, 1000, 250, parts=4) == 4
+    assert packing.rows_per_step(16, 1000, 250, parts=2) * 2 == packing.rows_per_step(16, 1000, 250)
+
+
 @pytest.mark.parametrize("world,accumulation", [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_step_weights_make_one_mean_over_the_whole_step(world, accumulation):
     """Whatever the device count and accumulation, the labelled positions of one optimizer step

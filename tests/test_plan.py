@@ -235,3 +235,37 @@ def test_cli_plan_stage_end_to_end(tmp_path, new_store):
     assert value == 8_388_608
     artifacts = [a for a in (tmp_path / "mlartifacts").rglob("plan.json") if summary["mlflow_run_id"] in str(a)]
     assert artifacts, "plan.json not logged as an MLflow artifact"
+
+
+def test_plan_counts_the_graphs_each_stage_compiles(tmp_path):
+    """No data: the most any data could need. Packed training is one graph (two with gradient
+    accumulation); evaluation and prediction run at powers of two up to seq_length (6 at 2048);
+    unpacked training at its length buckets (21 up to 2048); SQuAD adds a prefill and a step per length."""
+    r = plan_in(internlm(["train.batch_size=2"]), tmp_path)
+    assert r["plan_train_graphs"] == 1
+    report = json.loads((tmp_path / "plan.json").read_text())["compiled_graphs"]
+    assert report["predict"] == {"graphs": 6, "exact": False, "lengths": [64, 128, 256, 512, 1024, 2048]}
+    assert report["evaluate"]["graphs"] == 6 + 2 * 6            # the demo data set has a SQuAD reading set
+    assert plan_in(internlm(["parallel.gradient_accumulation_steps=2"]), tmp_path)["plan_train_graphs"] == 2
+    unpacked = plan_in(internlm(["train.packing=false"]), tmp_path)
+    assert unpacked["plan_train_graphs"] == 21                 # 64, 80, 96, 112, 128, 160, ... 1792, 2048
+    assert plan_in(internlm(["model.seq_length=300"]), tmp_path)["plan_predict_graphs"] == 4   # 64 128 256 300
+
+
+def test_plan_counts_the_graphs_of_the_prepared_data(ms_cpu, tmp_path):
+    """With the data prepared (plan beside other stages), the counts are exact: the demo's 24 test
+    prompts (batch 16: two batches, each within 64 tokens) take one evaluation graph."""
+    from finetune.plan import compiled_graphs
+    from finetune.prepare import prepare
+    from finetune.tokenizer import load_tokenizer
+
+    cfg = resolved([f"output_root={tmp_path}", "dataset.demo.num_words=40", "dataset.demo.squad_questions=0",
+                    "stages=[plan,train,evaluate]"])
+    tok = load_tokenizer("tiktoken", None)
+    graphs = compiled_graphs(cfg, prepare(cfg, tok), tok)
+    assert graphs["train"] == {"graphs": 1, "exact": True, "lengths": [64]}
+    assert graphs["evaluate"] == {"graphs": 1, "exact": True, "lengths": [64]}
+    unpacked = compiled_graphs(resolved([f"output_root={tmp_path}", "dataset.demo.num_words=40",
+                                         "dataset.demo.squad_questions=0", "train.packing=false",
+                                         "model.seq_length=128"]), None, tok)
+    assert unpacked["train"]["exact"] is False and unpacked["train"]["lengths"] == [64, 80, 96, 112, 128]

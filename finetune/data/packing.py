@@ -14,6 +14,7 @@ percent (a row of one example padded to seq_length would be mostly padding).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +111,18 @@ def pack(ids: np.ndarray, labels: np.ndarray, pad_id: int, seq_length: int, seed
             positions[r, at:at + m] = np.arange(m)
             at += m
     return PackedRows(tokens, targets, segments, positions, tuple(tuple(m) for m in rows))
+
+
+def rows_per_step(global_batch: int, examples: int, rows: int, parts: int = 1) -> int:
+    """Packed rows per device per micro-batch for a global batch of `global_batch` examples (train
+    .batch_size x gradient accumulation x data parallel) split into `parts` (accumulation x data
+    parallel): the rows that hold that many examples on average, at least one per part. So a step
+    sees about as many examples packed as unpacked, and its tokens follow the data (MMLU at
+    seq_length 2048: batch 16 is one row, not 16 rows of 2048 that would hold ~270 questions).
+    From the global batch, so the same global batch on more devices gives the same global rows
+    whenever they split evenly."""
+    total = math.ceil(global_batch * rows / examples - 1e-9) if examples else parts
+    return max(1, math.ceil(total / parts))
 
 
 def labelled_per_row(targets: np.ndarray) -> int:
