@@ -34,7 +34,7 @@ from .lineage import dataset_inputs, to_mlflow
 from .logs import quiet_libraries
 from .memory import peak_rss_gb
 from .merge import merge
-from .model import setup_context
+from .model import release_graphs, setup_context
 from .plan import plan
 from .predict import predict, read_predict_input
 from .prepare import prepare, prepare_stage
@@ -162,6 +162,8 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         ctx = RunContext(cfg, run_dir, prepared, base, tok, tracker, 0, given)
         for name, stage in STAGES.items():
             if name in cfg.stages:
+                if name != "plan":
+                    release_graphs()   # the graphs of what ran before (the demo's base pretraining, a stage)
                 t = time.time()
                 summary.update(stage(ctx))
                 summary[f"{name}_seconds"] = round(time.time() - t, 1)

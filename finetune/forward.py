@@ -45,11 +45,38 @@ def eval_bucket(length: int, limit: int) -> int:
     return min(limit, max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length()))
 
 
+# Rows of an evaluation batch hold at most this many tokens' attention square each, times the batch:
+# past 512 tokens a batch takes fewer rows (1024: a quarter, 2048: a sixteenth), so that the score
+# matrices [rows, heads, L, L] of a long batch are no larger than those of a full batch at 512.
+# (128M model, eval batch 16 at 2048 tokens: ~2 GB per score tensor, and the job passed 24 GB.)
+EVAL_SQUARE = 512
+
+
+def eval_rows(batch_size: int, length: int) -> int:
+    """Rows of an evaluation batch of prompts cut to `length` (at least 1, at most batch_size)."""
+    return max(1, min(batch_size, batch_size * EVAL_SQUARE ** 2 // length ** 2))
+
+
+def eval_batches(lengths, limit: int, batch_size: int) -> list[tuple[list[int], int, int]]:
+    """How scoring runs prompts of these lengths: [(indices, rows, length)], indices taken in order of
+    length, each batch right-padded to (rows, length): length = eval_bucket of its longest prompt,
+    rows = eval_rows(batch_size, length) (fewer rows for long prompts), so each length is one shape."""
+    out, chunk = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if len(chunk) >= eval_rows(batch_size, eval_bucket(lengths[i], limit)):   # i would not fit: close
+            length = eval_bucket(lengths[chunk[-1]], limit)
+            out.append((chunk, eval_rows(batch_size, length), length))
+            chunk = []
+        chunk.append(i)
+    if chunk:
+        length = eval_bucket(lengths[chunk[-1]], limit)
+        out.append((chunk, eval_rows(batch_size, length), length))
+    return out
+
+
 def eval_buckets(lengths, limit: int, batch_size: int) -> list[int]:
-    """The distinct eval_bucket lengths that prompts of these lengths, taken in order of length
-    batch_size at a time (scoring.letter_logits, generate.greedy_generate), are run at."""
-    ordered = sorted(lengths)
-    return sorted({eval_bucket(max(ordered[i:i + batch_size]), limit) for i in range(0, len(ordered), batch_size)})
+    """The distinct lengths scoring.letter_logits runs prompts of these lengths at (eval_batches)."""
+    return sorted({length for _, _, length in eval_batches(list(lengths), limit, batch_size)})
 
 
 def causal_lm(net):

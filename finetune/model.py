@@ -80,6 +80,20 @@ def llama_config(model_cfg, hw, vocab_size: int, tok, batch_size: int, dynamic: 
 IGNORE_ID = -100
 
 
+def release_graphs() -> None:
+    """Free the buffers of every compiled graph. MindSpore keeps a graph's memory for the life of the
+    process, even after its model and step objects are gone (measured: a second training of the same
+    model in one process took resident memory from 7.7 to 13.3 GB; after this call, 2.2 and 8.7), so
+    app.run calls it after the artifacts and after each stage: a stage never reuses another's graphs,
+    and evaluation then starts from the memory training left, not on top of it."""
+    import gc
+
+    import mindspore as ms
+
+    gc.collect()
+    ms.ms_memory_recycle()
+
+
 def vocab_size_for(model_cfg, tok) -> int:
     vocab = model_cfg.vocab_size or tok.vocab_size
     if vocab < tok.vocab_size:

@@ -55,31 +55,28 @@ def letter_logits(net, token_lists: list[list[int]], letter_ids: list[int], batc
                   pad_id: int, stats: dict | None = None) -> np.ndarray:
     """[N, 4] logits of the letter tokens at each prompt's last position.
 
-    Prompts are taken in order of length, batch_size at a time, each batch right-padded to its
-    length bucket (forward.eval_bucket: a power of two from 64 up to seq_length; the last batch
-    filled with padding rows), and the head runs on the last prompt position only (forward.last_logits_cell).
+    Prompts are taken in order of length, batch_size at a time (fewer past 512 tokens:
+    forward.eval_batches), each batch right-padded to its length bucket (forward.eval_bucket: a
+    power of two from 64 up to seq_length; the last batch filled with padding rows), and the head runs on the last prompt position only (forward.last_logits_cell).
     With causal attention, padding after a prompt cannot change the logits at its last position,
     so the result is the full model's at that position. `stats`, when given, gets the tokens
     processed and padded and the compiled shapes."""
     import mindspore as ms
 
-    from .forward import eval_bucket, last_logits_cell
+    from .forward import eval_batches, last_logits_cell
 
     head = last_logits_cell(net)
     head.set_train(False)
     out = np.zeros((len(token_lists), len(letter_ids)), np.float32)
-    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     real = processed = 0
     shapes = set()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        length = eval_bucket(max(len(token_lists[i]) for i in chunk), seq_length)
-        x = np.full((batch_size, length), pad_id, np.int32)
-        flat = np.arange(batch_size, dtype=np.int32) * length      # padding rows: position 0
+    for chunk, rows, length in eval_batches([len(t) for t in token_lists], seq_length, batch_size):
+        x = np.full((rows, length), pad_id, np.int32)
+        flat = np.arange(rows, dtype=np.int32) * length      # padding rows: position 0
         for row, i in enumerate(chunk):
             x[row, :len(token_lists[i])] = token_lists[i]
             flat[row] += len(token_lists[i]) - 1
-        logits = head(ms.Tensor(x), ms.Tensor(flat)).asnumpy()    # [batch_size, vocab]
+        logits = head(ms.Tensor(x), ms.Tensor(flat)).asnumpy()    # [rows, vocab]
         for row, i in enumerate(chunk):
             out[i] = logits[row, letter_ids]
         real += sum(len(token_lists[i]) for i in chunk)
