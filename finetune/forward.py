@@ -154,21 +154,17 @@ def packed_loss_cell(net):
     block-diagonal causal mask from the segments) and has its own rotary positions (restarting at
     0), so its logits are those of the example run alone; the head runs on the labelled positions
     only. With weight = 1 / (labelled positions of the optimizer step) the loss is the step's mean."""
-    import mindspore as ms
     from mindspore import nn, ops
 
-    f32 = ms.float32
-    decoder = packed_decoder(net)
+    logits_cell = packed_logits_cell(net)
 
     class PackedLoss(nn.Cell):
         def __init__(self):
             super().__init__(auto_prefix=False)
-            self.decoder = decoder
-            self.lm = decoder.lm
+            self.logits = logits_cell
 
         def construct(self, tokens, segments, positions, flat, target, weight):
-            hidden = self.decoder(tokens, segments, positions)                          # [B*L, H]
-            logits = ops.cast(self.lm.lm_head(ops.gather(hidden, flat, 0)), f32)        # [B*k, V]
+            logits = self.logits(tokens, segments, positions, flat)                    # [B*k, V] float32
             logp = ops.log_softmax(logits, -1)
             picked = ops.gather_elements(logp, 1, ops.reshape(target, (-1, 1)))         # [B*k, 1]
             return -ops.reduce_sum(ops.reshape(picked, (-1,)) * weight)
