@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import IGNORE_ID
+from .data.packing import labelled_per_row as packed_labelled_per_row
+from .data.packing import labelled_positions
 
 # Length buckets: 64, then four steps per power of two (64 80 96 112 128 160 192 224 256 320 ...).
 # A row wastes at most a fifth of its bucket on padding (about a tenth on average), and a whole
@@ -101,25 +102,16 @@ def answer_positions(ids: np.ndarray, labels: np.ndarray, pad_id: int, k: int) -
     model predicts token t+1 at position t): (flat position index [B*k], target id [B*k],
     mask [B*k]) of each row's labelled positions, padded to k per row with masked entries. The
     mask is MindFormers' own: label != IGNORE_ID and input token != pad."""
-    tokens, targets = ids[:, :-1], labels[:, 1:]
-    b, length = tokens.shape
-    flat = np.zeros((b, k), np.int32)
-    target = np.zeros((b, k), np.int32)
-    mask = np.zeros((b, k), np.float32)
-    for r in range(b):
-        pos = np.nonzero(targets[r] != IGNORE_ID)[0]
-        if len(pos) > k:
-            raise ValueError(f"row {r} has {len(pos)} labelled positions, more than k={k}")
-        flat[r, :len(pos)] = r * length + pos
-        flat[r, len(pos):] = r * length          # any valid row: masked out
-        target[r, :len(pos)] = targets[r, pos]
-        mask[r, :len(pos)] = (tokens[r, pos] != pad_id).astype(np.float32)
-    return flat.reshape(-1), target.reshape(-1), mask.reshape(-1)
+    tokens = ids[:, :-1]
+    flat, target, filled = labelled_positions(labels[:, 1:], k)
+    real = np.take_along_axis(tokens, flat - np.arange(len(tokens))[:, None] * tokens.shape[1], axis=1) != pad_id
+    return flat.reshape(-1), target.reshape(-1), (filled & real).astype(np.float32).reshape(-1)
 
 
 def labelled_per_row(labels: np.ndarray) -> int:
-    """The most labelled positions in any row (AnswerLoss's k, fixed for a whole run)."""
-    return int((labels[:, 1:] != IGNORE_ID).sum(axis=1).max())
+    """The most labelled positions in any row of prepared [B, L+1] labels (AnswerLoss's k, fixed
+    for a whole run)."""
+    return packed_labelled_per_row(labels[:, 1:])
 
 
 def answer_loss_cell(net):

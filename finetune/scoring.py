@@ -57,7 +57,8 @@ def letter_logits(net, token_lists: list[list[int]], letter_ids: list[int], batc
 
     Prompts are taken in order of length, batch_size at a time (fewer past 512 tokens:
     forward.eval_batches), each batch right-padded to its length bucket (forward.eval_bucket: a
-    power of two from 64 up to seq_length; the last batch filled with padding rows), and the head runs on the last prompt position only (forward.last_logits_cell).
+    power of two from 64 up to seq_length; the last batch filled with padding rows), and the head
+    runs on the last prompt position only (forward.last_logits_cell).
     With causal attention, padding after a prompt cannot change the logits at its last position,
     so the result is the full model's at that position. `stats`, when given, gets the tokens
     processed and padded and the compiled shapes."""

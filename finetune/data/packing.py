@@ -131,27 +131,35 @@ def labelled_per_row(targets: np.ndarray) -> int:
     return int((targets != IGNORE_ID).sum(axis=1).max()) if len(targets) else 0
 
 
+def labelled_positions(targets: np.ndarray, k: int, what: str = "row") -> tuple[np.ndarray, ...]:
+    """Where the loss is in a batch of rows whose position t predicts targets[:, t] ([B, L]):
+    (flat [B, k] indices of the labelled positions in the flattened batch, target [B, k] their
+    ids, filled [B, k] True where an entry is real), each row padded to k entries with row r's
+    first position (any valid index: unfilled entries carry no loss). The head's gather for the
+    packed loss (step_inputs) and the bucketed one (forward.answer_positions)."""
+    b, length = targets.shape
+    flat = np.repeat(np.arange(b, dtype=np.int32)[:, None] * length, k, axis=1)
+    target = np.zeros((b, k), np.int32)
+    filled = np.zeros((b, k), bool)
+    for r in range(b):
+        pos = np.flatnonzero(targets[r] != IGNORE_ID)
+        if len(pos) > k:
+            raise ValueError(f"{what} {r} has {len(pos)} labelled positions, more than k={k}")
+        flat[r, :len(pos)] += pos.astype(np.int32)
+        target[r, :len(pos)] = targets[r, pos]
+        filled[r, :len(pos)] = True
+    return flat, target, filled
+
+
 def step_inputs(rows: PackedRows, index: np.ndarray, k: int, weight: float) -> tuple[np.ndarray, ...]:
     """The packed loss cell's inputs for the rows `index` (forward.packed_loss_cell):
     (tokens, segments, positions [B, L]; flat [B*k] positions of the labelled tokens in the
     flattened batch; target [B*k]; weight [B*k]). weight is `weight` at a labelled position and 0
     at the padding entries, so the loss sum(weight * cross-entropy) is a mean when weight is one
     over the labelled positions it is averaged over."""
-    tokens, targets = rows.tokens[index], rows.targets[index]
-    b, length = tokens.shape
-    flat = np.zeros((b, k), np.int32)
-    target = np.zeros((b, k), np.int32)
-    w = np.zeros((b, k), np.float32)
-    for r in range(b):
-        pos = np.flatnonzero(targets[r] != IGNORE_ID)
-        if len(pos) > k:
-            raise ValueError(f"packed row {int(index[r])} has {len(pos)} labelled positions, more than k={k}")
-        flat[r, :len(pos)] = r * length + pos
-        flat[r, len(pos):] = r * length
-        target[r, :len(pos)] = targets[r, pos]
-        w[r, :len(pos)] = weight
-    return (tokens, rows.segments[index], rows.positions[index], flat.reshape(-1), target.reshape(-1),
-            w.reshape(-1))
+    flat, target, filled = labelled_positions(rows.targets[index], k, "packed row")
+    return (rows.tokens[index], rows.segments[index], rows.positions[index], flat.reshape(-1), target.reshape(-1),
+            (filled * np.float32(weight)).astype(np.float32).reshape(-1))
 
 
 def pad_fraction(rows: PackedRows) -> float:
