@@ -29,8 +29,8 @@ def config(overrides: list[str]):
     """The real conf/ composed with overrides and checked, as `finetune` would run it."""
     from hydra import compose, initialize_config_dir
 
-    from finetune.checks import resolve
-    from finetune.schema import register
+    from finetune.config.checks import resolve
+    from finetune.config.schema import register
 
     register()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
@@ -40,8 +40,8 @@ def config(overrides: list[str]):
 def ms_setup(cfg, work: Path) -> None:
     import os
 
-    from finetune.logs import quiet_libraries
-    from finetune.model import setup_context
+    from finetune.model.llama import setup_context
+    from finetune.runtime.logs import quiet_libraries
 
     os.environ.setdefault("LOCAL_DEFAULT_PATH", str(work / "mindformers"))
     quiet_libraries(work)   # MindFormers' import chatter into work/mindformers, not the terminal
@@ -60,11 +60,11 @@ def rows(args: dict) -> dict:
     before: left out of the tool's tokens/s, and out of PEFT's too)."""
     from finetune.data.mindrecord import read_all_shards
     from finetune.data.packing import pack, rows_per_step
+    from finetune.data.prepare import prepare
     from finetune.data.prepared import TRAIN_RECORDS
-    from finetune.forward import bucket, labelled_per_row, row_lengths
-    from finetune.prepare import prepare
-    from finetune.tokenizer import load_tokenizer
-    from finetune.train import batch_order
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.model.forward import bucket, labelled_per_row, row_lengths
+    from finetune.training.loop import batch_order
 
     cfg = config(args["overrides"])
     tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
@@ -109,11 +109,11 @@ def eval_mc(args: dict) -> dict:
     pass (compiles a graph per length bucket) and a second, warm pass, timed separately. Random-init
     tiny model from `seed`: the time does not depend on the weights. The logits of prompts that fit
     the smallest seq length must agree across lengths (padding beyond a prompt changes nothing)."""
+    from finetune.data.prepare import prepare
     from finetune.data.prepared import load_questions
-    from finetune.model import build_model
-    from finetune.prepare import prepare
-    from finetune.scoring import build_eval_prompts, letter_logits, letter_token_ids
-    from finetune.tokenizer import load_tokenizer
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.evaluation.scoring import build_eval_prompts, letter_logits, letter_token_ids
+    from finetune.model.llama import build_model
 
     work = Path(args["work"])
     # the questions: from data prepared at prepare_seq_length (the train bench's cache, when it ran;
@@ -156,9 +156,9 @@ def decode(args: dict) -> dict:
     512-token vocabulary with a fixed seed (BOS first; no text tokenizer ships with the model, and
     the work per new token does not depend on which ids they are). eos_id -1: never stops early,
     every row gets max_new_tokens. Each path runs once to compile its graphs, then is timed."""
-    from finetune.base import convert_hf
-    from finetune.generate import greedy_generate
-    from finetune.model import load_model
+    from finetune.model.generate import greedy_generate
+    from finetune.model.llama import load_model
+    from finetune.training.base import convert_hf
 
     work = Path(args["work"])
     path = Path(args["model"])
@@ -239,9 +239,9 @@ def prepare_data(args: dict) -> dict:
     import io
     import pstats
 
+    from finetune.data.prepare import prepare
     from finetune.data.prepared import load_meta
-    from finetune.prepare import prepare
-    from finetune.tokenizer import load_tokenizer
+    from finetune.data.tokenizer import load_tokenizer
 
     cfg = config(args["overrides"])
     profiler = cProfile.Profile() if args.get("profile") else None

@@ -22,31 +22,36 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .adapter import check_run_adapter
-from .base import resolve_base
-from .checks import check_input_files, resolve
-from .context import RunContext
-from .errors import LaunchError, UserError
-from .evaluate import evaluate
-from .export import export
-from .launch import init_worker, is_worker, launch, rank, world_size
-from .lineage import dataset_inputs, to_mlflow
-from .logs import quiet_libraries
-from .memory import peak_rss_gb
-from .merge import merge
-from .model import release_graphs, setup_context
-from .plan import plan
-from .predict import predict, read_predict_input
-from .prepare import prepare, prepare_stage
-from .redact import redact, redact_files, redact_logging, use_credentials
-from .report import write_report
-from .schema import STAGES as STAGE_ORDER, register
-from .system import start_system_metrics, stop_system_metrics
-from .tokenizer import load_tokenizer
-from .tracking import Tracker, flatten, resolve_uri
-from .train import check_fresh_run_dir, resume_point, train
+from finetune.config.checks import resolve
+from finetune.config.schema import STAGES as STAGE_ORDER
+from finetune.config.schema import register
+from finetune.data.inputs import check_input_files, read_predict_input
+from finetune.data.prepare import prepare
+from finetune.data.tokenizer import load_tokenizer
+from finetune.errors import LaunchError, UserError
+from finetune.model.adapter import check_run_adapter
+from finetune.model.llama import release_graphs, setup_context
+from finetune.runtime.context import RunContext
+from finetune.runtime.launch import init_worker, is_worker, launch, rank, world_size
+from finetune.runtime.logs import quiet_libraries
+from finetune.runtime.memory import peak_rss_gb
+from finetune.runtime.redact import redact, redact_files, redact_logging, use_credentials
+from finetune.stages.evaluate import evaluate
+from finetune.stages.export import export
+from finetune.stages.merge import merge
+from finetune.stages.plan import plan
+from finetune.stages.predict import predict
+from finetune.stages.prepare import prepare_stage
+from finetune.stages.train import train
+from finetune.tracking.lineage import dataset_inputs, to_mlflow
+from finetune.tracking.report import write_report
+from finetune.tracking.store import resolve_uri
+from finetune.tracking.system_metrics import start_system_metrics, stop_system_metrics
+from finetune.tracking.tracker import Tracker, flatten
+from finetune.training.base import resolve_base
+from finetune.training.checkpoints import check_fresh_run_dir, resume_point
 
-log = logging.getLogger("finetune")
+log = logging.getLogger(__name__)
 register()
 
 # Stage name -> function(RunContext) -> figures for summary.json. Run in STAGE_ORDER whatever
@@ -189,7 +194,7 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         tracker.log_metrics(final_metrics(summary), model_id=summary.get("mlflow_model_id"))
         if status == "FINISHED" and cfg.tracking.register_model and tracker.client:
             try:
-                from .mlflow_model import register as register_model
+                from finetune.tracking.logged_model import register as register_model
 
                 summary["registered_model_version"] = register_model(summary, cfg.tracking.register_model, uri)
                 write_json(summary_path, summary)
@@ -326,7 +331,7 @@ def output_path_problem(argv: list[str]) -> str | None:
 def hydra_main(cfg: DictConfig) -> float | None:
     """Thin: resolve the run dir, run, return cfg.sweep.objective (what a sweep optimizes).
     In a multirun sweep a failed job returns None (its MLflow run is FAILED) and the sweep goes on."""
-    from .sweep import in_multirun, objective_value
+    from finetune.tracking.sweep import in_multirun, objective_value
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = in_multirun()

@@ -1,16 +1,22 @@
-"""The module map holds: no import cycles (counting imports inside functions), stages import
-library modules only, every module imports on its own in a fresh interpreter."""
+"""The folders are the architecture: imports run one way through the subpackages (counting imports
+inside functions), no cycles, stages never import stages, the import graph stays shallow, every
+module imports on its own in a fresh interpreter."""
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
 
-
-from conftest import REPO
+from helpers import REPO
 
 PACKAGE = REPO / "finetune"
-STAGE_MODULES = {"finetune.plan", "finetune.prepare", "finetune.train", "finetune.evaluate", "finetune.merge",
-                 "finetune.predict", "finetune.export"}
+# Lower first: a module may import its own subpackage and any subpackage before it, nothing after.
+LAYERS = ("errors", "config", "data", "model", "runtime", "evaluation", "training", "tracking", "stages", "app")
+STAGES = {"plan", "prepare", "train", "evaluate", "merge", "predict", "export"}
+# Entry scripts: they start the app, nothing imports them.
+ENTRY = {"finetune.__main__", "finetune.runtime.msrun_worker.worker", "finetune.evaluation.__main__",
+         "finetune.tracking.__main__"}
+MAX_DEPTH = 9   # edges on the longest import chain (__main__ -> app -> stage -> ... -> errors)
 
 
 def modules() -> dict[str, Path]:
@@ -41,15 +47,44 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
-def graph() -> dict[str, set[str]]:
+@functools.cache
+def graph() -> dict[str, frozenset[str]]:
     mods = modules()
-    return {name: imports(name, path, set(mods)) for name, path in mods.items()}
+    g = {name: frozenset(imports(name, path, set(mods))) for name, path in mods.items()}
+    g.pop("finetune", None)   # the package __init__ imports nothing of its own
+    return {m: frozenset(d - {"finetune"}) for m, d in g.items()}
+
+
+def layer(module: str) -> int:
+    return LAYERS.index(module.split(".")[1])
+
+
+def test_every_module_sits_in_a_layer():
+    assert {m for m in graph() if m.split(".")[1] not in LAYERS and m not in ENTRY} == set()
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(LAYERS) - {"errors", "app"}
+    assert {p.stem for p in (PACKAGE / "stages").glob("*.py")} - {"__init__"} == STAGES
+
+
+def test_imports_run_one_way():
+    upward = sorted((m, d) for m, deps in graph().items() if m not in ENTRY for d in deps if layer(d) > layer(m))
+    assert upward == [], upward
+
+
+def test_data_imports_no_model_code():
+    g = graph()
+    assert sorted((m, d) for m, deps in g.items() if m.startswith("finetune.data.") for d in deps
+                  if not d.startswith(("finetune.data", "finetune.config", "finetune.errors"))) == []
+
+
+def test_stages_never_import_stages_and_only_the_app_imports_them():
+    g = graph()
+    crossing = sorted((m, d) for m, deps in g.items() for d in deps
+                      if d.startswith("finetune.stages.") and m != "finetune.app")
+    assert crossing == [], crossing
 
 
 def test_no_import_cycles():
-    g = graph()
-    g.pop("finetune", None)   # the package __init__ imports nothing of its own
-    state, cycles = {}, []
+    g, state, cycles = graph(), {}, []
 
     def visit(node, stack):
         state[node] = "active"
@@ -66,18 +101,33 @@ def test_no_import_cycles():
     assert cycles == [], cycles
 
 
-def test_stages_import_library_modules_only():
+def test_import_graph_is_shallow():
     g = graph()
-    assert STAGE_MODULES <= set(g)
-    crossing = {stage: sorted(g[stage] & STAGE_MODULES) for stage in STAGE_MODULES if g[stage] & STAGE_MODULES}
-    assert crossing == {}, crossing
-    # and only the entrypoint knows them all
-    importers = {m for m, deps in g.items() if deps & STAGE_MODULES and m not in STAGE_MODULES}
-    assert importers <= {"finetune.app", "finetune.base"}, importers   # base runs train's loop to pretrain
+
+    @functools.cache
+    def chain(m):   # the longest import chain from m, as a list of modules
+        return max(([m] + chain(d) for d in g[m]), key=len, default=[m])
+
+    longest = max((chain(m) for m in g), key=len)
+    assert len(longest) - 1 <= MAX_DEPTH, " -> ".join(longest)
+
+
+def test_the_rules_catch_a_violation(tmp_path):
+    """The rules fail when broken: a data module importing model code is upward, a cycle is found."""
+    g = dict(graph())
+    g["finetune.data.records"] = g["finetune.data.records"] | {"finetune.model.llama"}
+    assert layer("finetune.model.llama") > layer("finetune.data.records")
+    reach, todo = set(), ["finetune.model.llama"]
+    while todo:   # model.llama reaches data.records again: a cycle
+        m = todo.pop()
+        for d in g[m] - reach:
+            reach.add(d)
+            todo.append(d)
+    assert "finetune.data.records" in reach
 
 
 def test_every_module_imports_alone():
-    names = [n for n in modules() if n != "finetune.__main__"]
+    names = [n for n in modules() if not n.endswith("__main__")]
     script = ("import subprocess, sys\n"
               "bad = []\n"
               f"for name in {names!r}:\n"
@@ -90,8 +140,8 @@ def test_every_module_imports_alone():
 
 def test_stage_table_is_the_stage_order():
     from finetune import app
-    from finetune.schema import STAGES
+    from finetune.config.schema import STAGES as ORDER
 
-    assert tuple(app.STAGES) == STAGES
+    assert tuple(app.STAGES) == ORDER
     for name, fn in app.STAGES.items():
-        assert fn.__module__ in STAGE_MODULES, (name, fn.__module__)
+        assert fn.__module__ == f"finetune.stages.{name}", (name, fn.__module__)

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import IN_CI, REPO, shared_path
+from helpers import IN_CI, REPO, shared_path
 
 # Per benchmark: the keys that must hold positive numbers (train: in every size).
 TRAIN_KEYS = ("tool_tokens_per_s", "peft_tokens_per_s", "ratio_vs_peft", "tool_peak_rss_gb", "peft_peak_rss_gb",

@@ -1,8 +1,8 @@
 """`finetune-compare`: runs in a real MLflow SQLite store -> mlflow.search_runs -> an aligned table."""
 import pytest
 
-from finetune.compare import compare_table, load_runs, main
-from finetune.tracking import (SWEEP_EXPERIMENT_ENV, SWEEP_JOB_ENV, SWEEP_PARENT_ENV, SWEEP_URI_ENV, Tracker)
+from finetune.tracking.compare import compare_table, load_runs, main
+from finetune.tracking.tracker import SWEEP_EXPERIMENT_ENV, SWEEP_JOB_ENV, SWEEP_PARENT_ENV, SWEEP_URI_ENV, Tracker
 
 # name: (lora.rank, mc_accuracy, contest_score); "none" finished no evaluation.
 RUNS = {"r8": (8, 0.50, 0.61), "r4": (4, 0.75, 0.70), "r16": (16, 0.625, 0.55), "none": (8, None, None)}

@@ -6,8 +6,8 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from conftest import kill_group, output, start_finetune
-from finetune.tracking import default_uri
+from finetune.tracking.store import default_uri
+from helpers import kill_group, output, start_finetune
 
 # A random-init base (no pretraining) keeps each job to its start-up, data preparation and the
 # base's first save: the parts that race.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import finetune  # noqa: F401  (first: sets the protobuf env var before anything imports protobuf)
 
+# isort: split
 import os
 import re
 import subprocess
@@ -16,8 +17,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-import finetune.schema
-from finetune.checks import check_input_files, resolve
+import finetune.config.schema
+from finetune.config.checks import resolve
+from finetune.data.inputs import check_input_files
 from finetune.errors import ConfigError
 
 validate = resolve   # compose -> resolve + every cross-key check (what `finetune` runs at start-up)
@@ -28,7 +30,7 @@ FINETUNE_BIN = Path(sys.executable).with_name("finetune")
 if not FINETUNE_BIN.exists():
     FINETUNE_BIN = REPO / ".venv" / "bin" / "finetune"
 
-finetune.schema.register()
+finetune.config.schema.register()
 
 
 def _compose(overrides: list[str] | None = None):
@@ -335,7 +337,7 @@ def test_eval_contest_switches_every_choice():
 def test_squad_prompt_styles_and_truncation_sides():
     from types import SimpleNamespace
 
-    from finetune.squad import squad_prompt, squad_prompt_ids
+    from finetune.data.squad import squad_prompt, squad_prompt_ids
 
     assert squad_prompt("C.", "Q?") == "C.\n\nQuestion: Q?\nAnswer:"
     assert squad_prompt("C.", "Q?", "mindformers") == (

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import shared_path
 from finetune.data.cmmlu import read_cmmlu
 from finetune.data.mmlu import read_mmlu
 from finetune.data.records import DataError, Question, read_text
+from helpers import shared_path
+
 
 def _data(name: str) -> Path:
     return shared_path("data", name)
@@ -247,8 +248,9 @@ def test_latin1_that_also_decodes_as_gbk_is_not_read_as_mojibake(tmp_path):
 def test_unreadable_csv_is_one_line(tmp_path):
     """A symlink to itself (or a dangling one) among the CSVs: one line naming it, from the input
     fingerprint (the first thing that reads every file) and from the reader."""
-    from finetune.prepare import _input_fingerprint
     from omegaconf import OmegaConf
+
+    from finetune.data.prepare import _input_fingerprint
 
     root = _mmlu_tree(tmp_path / "m")
     loop = root / "test" / "loop_test.csv"
@@ -302,7 +304,7 @@ def test_question_and_option_texts_are_stripped(mmlu, cmmlu, shared):
 def test_predict_csv_layout_follows_the_dataset_not_the_prompt_style():
     # dataset.style=contest is one prompt style for MMLU and CMMLU alike; a CMMLU CSV (header, index
     # column) must still be read as CMMLU, or the index becomes the question and the answer an option.
-    from finetune.predict import read_predict_input
+    from finetune.data.inputs import read_predict_input
     f = _data("cmmlu") / "test" / "agronomy.csv"
     first = read_cmmlu(_data("cmmlu"))["test"]
     first = next(q for q in first if q.subject == "agronomy")
@@ -316,7 +318,7 @@ def test_duplicate_questions_are_kept_out_of_eval(mmlu):
     """MMLU's test split holds 105 repeated questions (same question and options, up to case and
     whitespace). With train_split == eval_split, the hash holdout can put one copy in training and
     another in eval: those are left out of eval, as are repeats within eval."""
-    from finetune.prepare import _holdout, drop_duplicates
+    from finetune.data.prepare import _holdout, drop_duplicates
 
     def q(i, text, choices=("1", "2", "3", "4")):
         return Question(f"x/test/s/{i}", "s", text, choices, "A", f"f.csv:{i}")

@@ -5,13 +5,13 @@ import json
 import pytest
 import regex
 
-from conftest import compose
-from finetune import metrics
 from finetune.data import demo
+from finetune.data.prepare import prepare, read_questions
 from finetune.data.prepared import dataset_squad, load_meta
-from finetune.prepare import prepare, read_questions
-from finetune.squad import squad_prompt, squad_prompt_ids
-from finetune.tokenizer import load_tokenizer
+from finetune.data.squad import load_squad, squad_prompt, squad_prompt_ids
+from finetune.data.tokenizer import load_tokenizer
+from finetune.evaluation import metrics
+from helpers import compose
 
 WORLD = demo.build_world(160, seed=0)
 
@@ -24,7 +24,7 @@ def tok():
 def _records(squad: dict, tmp_path) -> list[dict]:
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(squad))
-    return metrics.load_squad(path)      # the official-layout reader evaluate uses
+    return load_squad(path)      # the official-layout reader evaluate uses
 
 
 def test_reading_set_is_deterministic_and_seeded():
@@ -96,14 +96,14 @@ def test_prepare_writes_the_reading_set(tmp_path, tok):
     out = prepare(compose([f"output_root={tmp_path}", "dataset.demo.num_reading=20", "dataset.demo.squad_questions=100"]), tok)
     assert dataset_squad(out) == out / "squad.json"
     assert load_meta(out)["squad_questions"] == 100
-    records = metrics.load_squad(out / "squad.json")
+    records = load_squad(out / "squad.json")
     assert len(records) == 100
     corpus = "\n".join(json.loads((out / "corpus.json").read_text()))
     assert not any(r["context"] in corpus for r in records)
     assert corpus.count("\n\nQuestion: ") == 20                           # dataset.demo.num_reading
     assert dataset_squad(tmp_path) is None                                 # a folder without one
     assert read_questions(compose(["dataset.demo.squad_questions=0"]).dataset)[2] is None
-    from finetune.checks import resolve
+    from finetune.config.checks import resolve
     from finetune.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"dataset.demo.general_reading: expected >= 0, got -2"):

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from conftest import run_finetune
-from finetune.checkpoints import read_index
+from finetune.training.checkpoints import read_index
+from helpers import run_finetune
 
 ARGS = ["optimizer.learning_rate=1e30", "train.max_steps=6", "stages=[prepare,train,evaluate]", "eval.limit=8",
         "train.save.num_checkpoints=6"]
@@ -43,7 +43,7 @@ def test_diverged_training_fails_with_one_line(quick_root, scale, stop):
 
 def test_non_finite_letter_logits_are_an_error():
     from finetune.errors import ModelError
-    from finetune.scoring import choose
+    from finetune.evaluation.scoring import choose
 
     with pytest.raises(ModelError, match="not finite .* for 1 of 2 questions"):
         choose(np.array([[1.0, 2.0, 3.0, 4.0], [np.nan, 0.0, 0.0, 0.0]], np.float32))

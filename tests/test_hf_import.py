@@ -5,12 +5,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import resolved
-from finetune.base import convert_hf
+from finetune.config.hf_config import read_hf_config
 from finetune.errors import ModelError
-from finetune.generate import greedy_generate
-from finetune.hf import read_hf_config
-from finetune.model import load_model
+from finetune.model.generate import greedy_generate
+from finetune.model.llama import load_model
+from finetune.training.base import convert_hf
+from helpers import resolved
 
 # Max |HF transformers logits - ours| measured on the 10 reference positions: 1.57e-5 (README: "to 1.6e-5")
 LOGITS_TOLERANCE = 2e-5
@@ -71,7 +71,8 @@ def test_cached_decoding_equals_uncached(stories):
     batch (short, long, one that reaches the end of the 128-token window), and its first logits
     equal the last-position logits of the full model."""
     import mindspore as ms
-    from finetune.forward import kv_cells, last_logits_cell
+
+    from finetune.model.forward import kv_cells, last_logits_cell
 
     rng = np.random.default_rng(0)
     prompts = [[1], [1, 403, 407, 261], [1] + rng.integers(3, 512, 40).tolist(), [1] + rng.integers(3, 512, 100).tolist()]
@@ -158,7 +159,7 @@ def test_pytorch_bin_weights_without_torch_say_what_to_do(shared, tmp_path):
     """*.bin checkpoints need torch; this environment has none, and the message says so."""
     import importlib.util
 
-    from finetune.hf import load_hf_state
+    from finetune.model.hf import load_hf_state
 
     if importlib.util.find_spec("torch") is not None:
         pytest.skip("torch is installed here: the *.bin path loads instead of refusing")

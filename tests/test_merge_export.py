@@ -10,20 +10,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import resolved, shared_path
-from finetune.adapter import adapter_params, lora_settings, merge_lora, read_adapter, save_adapter
-from finetune.base import resolve_base
-from finetune.ckpt import save_checkpoint
-from finetune.context import RunContext
+from finetune.config.hf_config import read_hf_config
+from finetune.data.tokenizer import load_tokenizer
 from finetune.errors import ModelError
-from finetune.export import export, export_weights, hf_config, write_hf_folder
-from finetune.hf import load_hf_state, read_hf_config
-from finetune.layout import to_hf, to_mindformers
-from finetune.lora import apply_lora
-from finetune.merge import merge
-from finetune.model import build_model, load_checkpoint, load_model, load_weights
-from finetune.tokenizer import load_tokenizer
-from finetune.tracking import Tracker, default_uri
+from finetune.model.adapter import adapter_params, lora_settings, merge_lora, read_adapter, save_adapter
+from finetune.model.checkpoint import save_checkpoint
+from finetune.model.hf import load_hf_state
+from finetune.model.layout import to_hf, to_mindformers
+from finetune.model.llama import build_model, load_checkpoint, load_model, load_weights
+from finetune.model.lora import apply_lora
+from finetune.runtime.context import RunContext
+from finetune.stages.export import export, export_weights, hf_config, write_hf_folder
+from finetune.stages.merge import merge
+from finetune.tracking.store import default_uri
+from finetune.tracking.tracker import Tracker
+from finetune.training.base import resolve_base
+from helpers import resolved, shared_path
 
 
 def context(cfg, run_dir, base, tok, tracker=None, given=frozenset()):
@@ -224,8 +226,9 @@ def test_merging_twice_is_refused(tiny):
 
 def test_adapter_file_records_its_lora_settings_and_still_loads(tiny, tmp_path):
     import mindspore as ms
-    from finetune.adapter import tensor_text
-    from finetune.lora import with_adapter
+
+    from finetune.model.adapter import tensor_text
+    from finetune.model.lora import with_adapter
 
     raw = ms.load_checkpoint(str(tiny.run_dir / "adapter.ckpt"))
     assert int(raw["lora_rank"].asnumpy()) == 4 and float(raw["lora_alpha"].asnumpy()) == 12.0
@@ -310,8 +313,9 @@ def test_to_hf_names():
 
 def test_round_trip_stories260k_is_bit_for_bit(ms_cpu, tmp_path):
     """HF -> project (load_base) -> HF: every tensor and the architecture unchanged."""
-    from finetune.base import convert_hf
     from safetensors.numpy import load_file
+
+    from finetune.training.base import convert_hf
 
     src = shared_path("models", "stories260K-hf")
     cfg = resolved([f"model.checkpoint={src}", "model.seq_length=512", f"output_root={tmp_path}"])
@@ -397,7 +401,7 @@ def test_export_stage_merged_and_on_the_fly(tiny, probe, tmp_path):
 def test_sentencepiece_tokenizer_files():
     """The InternLM tokenizer.model is copied as is; the config makes transformers' LlamaTokenizer(Fast)
     give SentencePiece's ids (checked by hand with AutoTokenizer: a 14 s slow->fast conversion)."""
-    from finetune.export import tokenizer_files
+    from finetune.stages.export import tokenizer_files
 
     path = shared_path("tokenizers", "internlm_v7_sft.model")
     cfg = resolved(["model=internlm_7b", f"model.tokenizer.path={path}", "model.checkpoint=/x/internlm.ckpt"])

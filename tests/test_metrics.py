@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from finetune import metrics
+from finetune.evaluation import metrics
 
 
 def test_mc_predictions_argmax_over_letters():

@@ -3,13 +3,13 @@ exactly what its examples compute one by one (loss, gradients, logits), on real 
 import numpy as np
 import pytest
 
-from conftest import compose, shared_path
 from finetune.data import packing
 from finetune.data.mindrecord import encode_example
 from finetune.data.mmlu import read_mmlu_file
 from finetune.data.prompts import build_prompt, target
-from finetune.model import IGNORE_ID
-from finetune.train import packed_feed
+from finetune.data.records import IGNORE_ID
+from finetune.training.loop import packed_feed
+from helpers import compose, shared_path
 
 
 def test_first_fit_decreasing_fills_bins_in_order():
@@ -116,9 +116,9 @@ def mmlu_model(ms_cpu):
     B so that every LoRA weight gets a gradient, and real MMLU test questions as prepared rows."""
     import mindspore as ms
 
-    from finetune.lora import apply_lora
-    from finetune.model import build_model
-    from finetune.tokenizer import load_tokenizer
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.model.llama import build_model
+    from finetune.model.lora import apply_lora
 
     tok = load_tokenizer("tiktoken", str(shared_path("tokenizers", "cl100k_base.tiktoken")))
     questions = read_mmlu_file(shared_path("data", "mmlu", "test", "astronomy_test.csv"), "test", "astronomy")
@@ -147,7 +147,7 @@ def test_packed_batch_loss_and_gradients_equal_the_examples_one_by_one(mmlu_mode
     every position) of each example alone, weighted by its labelled tokens; gradients likewise."""
     import mindspore as ms
 
-    from finetune.forward import causal_lm, packed_loss_cell
+    from finetune.model.forward import causal_lm, packed_loss_cell
 
     net, tok, ids, labels, rows = mmlu_model
     net.set_train(True)
@@ -178,7 +178,7 @@ def test_an_example_never_sees_another(mmlu_model):
     restart at 0), and changing one example's tokens moves none of its row-mates' logits."""
     import mindspore as ms
 
-    from finetune.forward import causal_lm, packed_logits_cell
+    from finetune.model.forward import causal_lm, packed_logits_cell
 
     net, tok, ids, labels, rows = mmlu_model
     net.set_train(False)
@@ -205,7 +205,7 @@ def test_an_example_never_sees_another(mmlu_model):
 
 
 def _packed_run(net_rows, batch, accumulation, steps=5):
-    from finetune.train import Schedule, run_steps
+    from finetune.training.loop import Schedule, run_steps
 
     net, tok, ids, labels, rows = net_rows
     cfg = compose(SMALL + ["hardware.loss_scale.kind=none", "optimizer.learning_rate=5e-3"])
@@ -251,7 +251,7 @@ def test_released_graphs_give_their_memory_back(mmlu_model):
     (called by app.run between stages) returns them, and training again works (it recompiles)."""
     import gc
 
-    from finetune.model import release_graphs
+    from finetune.model.llama import release_graphs
 
     run = _packed_run(mmlu_model, batch=4, accumulation=1, steps=2)
     gc.collect()
@@ -266,7 +266,7 @@ def test_released_graphs_give_their_memory_back(mmlu_model):
 def test_long_evaluation_batches_take_fewer_rows():
     """Prompts in order of length, batch 16; past 512 tokens fewer rows (1024: 4, 2048: 1), each
     length one shape, every prompt once."""
-    from finetune.forward import eval_batches
+    from finetune.model.forward import eval_batches
 
     lengths = [50] * 20 + [300] * 5 + [900] * 6 + [1500] * 2
     batches = eval_batches(lengths, 2048, 16)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REFERENCE, kill_group, output, resolved, run_finetune, start_finetune
 from finetune.data.mindrecord import read_shards, write_shards
+from helpers import REFERENCE, kill_group, output, resolved, run_finetune, start_finetune
 
 # conftest's reference run (the QUICK demo: 96 training questions -> 6 global batches of 16 per
 # epoch; 30 steps cross four epoch boundaries, a new batch order each epoch; dropout off) on two
@@ -131,7 +131,7 @@ def test_a_dying_worker_fails_the_job_without_hanging(runs):
 
 def test_world_size_must_split_over_nodes():
     from finetune.errors import ConfigError
-    from finetune.launch import local_workers
+    from finetune.runtime.launch import local_workers
 
     with pytest.raises(ConfigError, match="parallel.nodes=3"):
         resolved(["parallel=dp4", "parallel.nodes=3", "parallel.master_port=8118"])

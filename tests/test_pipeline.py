@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_finetune
+from helpers import run_finetune
 
 # the pipeline's own settings, on top of conftest.QUICK
 ARGS = ["train.max_steps=4", "eval.limit=12", "dataset.demo.squad_questions=10", "eval.squad.max_new_tokens=4",
@@ -94,13 +94,13 @@ def test_identical_runs_with_dropout_give_identical_logs(pipeline):
 def test_cached_squad_answers_equal_uncached_decoding(pipeline, ms_cpu):
     """The run's SQuAD answers come from cached decoding (the default); the uncached reference path,
     on base + adapter loaded from the run's files, gives the same tokens, also over 24 new tokens."""
-    from conftest import QUICK, resolved
-    from finetune.generate import greedy_generate
-    from finetune.lora import with_adapter
-    from finetune.metrics import load_squad
-    from finetune.model import load_model
-    from finetune.squad import answer_text, squad_prompt_ids
-    from finetune.tokenizer import load_tokenizer
+    from finetune.data.squad import load_squad, squad_prompt_ids
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.evaluation.squad import answer_text
+    from finetune.model.generate import greedy_generate
+    from finetune.model.llama import load_model
+    from finetune.model.lora import with_adapter
+    from helpers import QUICK, resolved
 
     tmp, s = pipeline
     cfg = resolved(QUICK + ARGS + [f"output_root={tmp}"])
@@ -306,9 +306,9 @@ def _start_up_error(tmp, args, run, given=frozenset()) -> str:
     """The start-up checks of a `finetune` job in run dir tmp/run, in process: the one-line message
     of the error they raise (the command prints it as `finetune: error: ...` and exits 2, tested in
     test_failure_is_one_line_and_marks_the_run_failed)."""
-    from conftest import QUICK, resolved
     from finetune.app import start_up_checks
     from finetune.errors import UserError
+    from helpers import QUICK, resolved
 
     with pytest.raises(UserError) as e:
         start_up_checks(resolved([*QUICK, *ARGS, f"output_root={tmp}", *args]), tmp / run, frozenset(given))
@@ -339,7 +339,7 @@ def test_predict_on_a_real_mmlu_csv(shared, tmp_path):
 
     from finetune.data import prompts
     from finetune.data.mmlu import read_mmlu_file
-    from finetune.tokenizer import load_tokenizer
+    from finetune.data.tokenizer import load_tokenizer
 
     src = shared / "data" / "mmlu" / "test" / "abstract_algebra_test.csv"
     tok = load_tokenizer("tiktoken", None)

@@ -12,12 +12,20 @@ from collections import Counter
 
 import pytest
 
-from conftest import REPO, compose, resolved, shared_path
-from finetune.context import RunContext
-from finetune.plan import (GB, lora_layers, lora_param_count, memory_estimate, module_param_counts,
-                           plan, resolve_vocab, run_command)
 from finetune.errors import ConfigError
-from finetune.tracking import Tracker
+from finetune.runtime.context import RunContext
+from finetune.stages.plan import (
+    GB,
+    lora_layers,
+    lora_param_count,
+    memory_estimate,
+    module_param_counts,
+    plan,
+    resolve_vocab,
+    run_command,
+)
+from finetune.tracking.tracker import Tracker
+from helpers import REPO, compose, resolved, shared_path
 
 INTERNLM_TOK = ("tokenizers", "internlm_v7_sft.model")
 
@@ -65,9 +73,9 @@ def test_internlm_7b_counts_match_the_seed(tmp_path):
 
 def _real_counts(overrides, tmp_path):
     """count_params and per-cell counts of the really built model (as train.py builds it) + LoRA."""
-    from finetune.lora import apply_lora
-    from finetune.model import build_model, count_params
-    from finetune.tokenizer import load_tokenizer
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.model.llama import build_model, count_params
+    from finetune.model.lora import apply_lora
 
     cfg = compose(overrides)
     tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
@@ -110,8 +118,9 @@ def test_lora_layers_follow_pet_walk():
 
 def test_ascend910b_context_and_llama_config(shared):
     import mindspore as ms
-    from finetune.model import context_kwargs, llama_config
-    from finetune.tokenizer import load_tokenizer
+
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.model.llama import context_kwargs, llama_config
 
     cfg = internlm()
     assert context_kwargs(cfg.hardware) == {"mode": ms.GRAPH_MODE, "device_target": "Ascend",
@@ -135,8 +144,8 @@ def test_ascend910b_context_and_llama_config(shared):
 def test_ascend910b_recompute_reaches_mindformers(shared):
     """MindFormers' Llama reads recompute from config.parallel_config.recompute (LayerSetting),
     not from a `recompute_config` attribute."""
-    from finetune.model import llama_config
-    from finetune.tokenizer import load_tokenizer
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.model.llama import llama_config
 
     cfg = internlm()
     tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
@@ -176,8 +185,8 @@ def test_memory_refuses_what_does_not_fit_and_accepts_the_seed_setup(tmp_path):
 def test_weight_bytes_equal_a_real_model_built_with_ascend_dtypes(ms_cpu):
     """Construction only (nothing runs): every parameter dtype as MindFormers creates it for
     hardware=ascend910b, with biases on."""
-    from finetune.model import build_model
-    from finetune.tokenizer import load_tokenizer
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.model.llama import build_model
 
     cfg = compose(["hardware=ascend910b", "model.qkv_has_bias=true", "model.attn_proj_has_bias=true",
                    "model.tie_word_embeddings=false"])
@@ -255,9 +264,9 @@ def test_plan_counts_the_graphs_each_stage_compiles(tmp_path):
 def test_plan_counts_the_graphs_of_the_prepared_data(ms_cpu, tmp_path):
     """With the data prepared (plan beside other stages), the counts are exact: the demo's 24 test
     prompts (batch 16: two batches, each within 64 tokens) take one evaluation graph."""
-    from finetune.plan import compiled_graphs
-    from finetune.prepare import prepare
-    from finetune.tokenizer import load_tokenizer
+    from finetune.data.prepare import prepare
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.stages.plan import compiled_graphs
 
     cfg = resolved([f"output_root={tmp_path}", "dataset.demo.num_words=40", "dataset.demo.squad_questions=0",
                     "stages=[plan,train,evaluate]"])

@@ -5,13 +5,12 @@ import re
 import numpy as np
 import pytest
 
-from conftest import compose
 from finetune.data.mindrecord import read_shards
-from finetune.data.records import DataError
-from finetune.model import IGNORE_ID
+from finetune.data.prepare import cache_dir, prepare
 from finetune.data.prepared import load_meta, load_questions
-from finetune.prepare import cache_dir, prepare
-from finetune.tokenizer import load_tokenizer
+from finetune.data.records import IGNORE_ID, DataError
+from finetune.data.tokenizer import load_tokenizer
+from helpers import compose
 
 
 @pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules

@@ -106,7 +106,7 @@ def test_cmmlu_headers_name_the_subject_in_chinese(shared):
 
 
 def test_macro_accuracy_weighs_subjects_equally():
-    from finetune.metrics import macro_accuracy, per_subject_accuracy
+    from finetune.evaluation.metrics import macro_accuracy, per_subject_accuracy
 
     subjects = ["a"] * 9 + ["b"]
     preds, answers = ["A"] * 10, ["A"] * 9 + ["B"]    # a: 9/9, b: 0/1 -> micro 0.9, macro 0.5
@@ -133,6 +133,6 @@ def test_contest_style_prompt_and_answer():
     ("The right option isn't clear", None), ("", None), ("Because ABBA sang it", None), ("\n\n", None),
 ])
 def test_parse_choice_on_generations(text, letter):
-    from finetune.scoring import parse_choice
+    from finetune.evaluation.scoring import parse_choice
 
     assert parse_choice(text) == letter

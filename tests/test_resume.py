@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import QUICK, REFERENCE as ARGS, kill_group, output, resolved, run_finetune, start_finetune
-from finetune.checkpoints import add_to_index, newest_valid, read_index, save_steps
 from finetune.errors import ModelError
+from finetune.training.checkpoints import add_to_index, newest_valid, read_index, save_steps
+from helpers import QUICK, kill_group, output, resolved, run_finetune, start_finetune
+from helpers import REFERENCE as ARGS
 
 
 def test_save_steps_are_evenly_spaced_and_end_at_the_last_step():
@@ -126,7 +127,7 @@ def test_resume_with_other_training_settings_is_refused_naming_them(reference_ru
         _checks(reference_run, ["train.resume=true", "optimizer.learning_rate=1e-3", "train.epochs=6"])
     _checks(reference_run, ["train.resume=true", "train.save.num_checkpoints=2"])   # saving less changes nothing
     # ... and by the stage, once the data is prepared: other data is another run
-    from finetune.train import resume_point, training_settings
+    from finetune.training.checkpoints import resume_point, training_settings
 
     cfg = resolved([*QUICK, *ARGS, "train.resume=true"])
     recorded = json.loads((reference_run / "checkpoints" / "run.json").read_text())["data"]
@@ -141,7 +142,8 @@ def test_training_again_in_a_run_dir_with_checkpoints_is_refused(reference_run, 
         _checks(reference_run)
     # train.overwrite=true: accepted at start-up; the stage deletes the earlier run's training files
     import shutil
-    from finetune.train import check_fresh_run_dir
+
+    from finetune.training.checkpoints import check_fresh_run_dir
 
     run = shutil.copytree(reference_run, tmp_path / "run", symlinks=True)
     _checks(run, ["train.overwrite=true"])
@@ -152,7 +154,7 @@ def test_training_again_in_a_run_dir_with_checkpoints_is_refused(reference_run, 
 
 
 def test_select_best_checkpoint_respects_retention():
-    from finetune.checkpoints import select_best
+    from finetune.evaluation.metrics import select_best
 
     scores = [{"step": 10, "mc_accuracy": 0.5, "retained": True},
               {"step": 20, "mc_accuracy": 0.9, "retained": False},   # best accuracy, lost SQuAD ability

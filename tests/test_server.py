@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import QUICK
-from finetune.schema import ConfigError, TrackingConfig
-from finetune.tracking import default_uri, resolve_uri, server_problem
+from finetune.config.schema import TrackingConfig
+from finetune.errors import ConfigError
+from finetune.tracking.store import default_uri, resolve_uri, server_problem
+from helpers import QUICK
 
 BIN = Path(sys.executable).parent
 TINY = [*QUICK, "model.pretrain.epochs=0", "eval.limit=8"]   # a random-init base: this module has its own store
@@ -192,7 +193,7 @@ def test_tracker_keeps_what_a_frozen_server_misses_and_sends_it_when_it_answers(
     """The server stops answering (SIGSTOP: requests time out) in the middle of a run: each call
     waits at most MLFLOW_HTTP_REQUEST_TIMEOUT once, nothing is retried for minutes, and when the
     server answers again (SIGCONT) every kept point is sent, in order."""
-    from finetune import tracking
+    from finetune.tracking import tracker as tracking
 
     uri, _, proc = server
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
@@ -229,7 +230,7 @@ def test_registry_on_the_server(server):
     figures (the model here is a bare LoggedModel: what is tested is the registry, not the flavour)."""
     from mlflow.tracking import MlflowClient
 
-    from finetune.mlflow_model import register
+    from finetune.tracking.logged_model import register
 
     uri, _, _ = server
     client = MlflowClient(uri)

@@ -1,4 +1,4 @@
-"""SQuAD v1.1 exact match / F1 (finetune.metrics): hand-computed cases, the real dev set, the CLI."""
+"""SQuAD v1.1 exact match / F1 (finetune.evaluation.metrics): hand-computed cases, the real dev set, the CLI."""
 import json
 import logging
 import subprocess
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, shared_path
-from finetune import metrics
+from finetune.data.squad import first_per_paragraph, load_squad
+from finetune.evaluation import cli, metrics
+from helpers import REPO, shared_path
 
 DEV_FULL = 10570      # questions in the official dev-v1.1.json
 DEV_300 = 303         # questions in dev-v1.1.first300q.json (the first 303 of the full file)
@@ -22,7 +23,7 @@ def _squad_file(name: str) -> Path:
 def dev_full():
     """(parsed JSON, flattened records) of the full official dev set, read once."""
     path = _squad_file("dev-v1.1.json")
-    return json.loads(path.read_text(encoding="utf-8")), metrics.load_squad(path)
+    return json.loads(path.read_text(encoding="utf-8")), load_squad(path)
 
 
 @pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
@@ -95,13 +96,13 @@ def test_empty_after_normalization_matches_but_has_no_f1():
 
 
 def test_scores_take_max_over_golds_and_missing_scores_zero(caplog):
-    with caplog.at_level(logging.WARNING, logger="finetune.metrics"):
+    with caplog.at_level(logging.WARNING, logger="finetune.evaluation"):
         scores = metrics.squad_scores(TINY, TINY_PREDICTIONS)
     assert scores == {"exact_match": pytest.approx(100 / 3), "f1": pytest.approx(50.0)}
     assert "1 of 3 questions have no prediction" in caplog.text
     # all three answered with a gold -> 100/100 and no warning; extra ids are ignored
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="finetune.metrics"):
+    with caplog.at_level(logging.WARNING, logger="finetune.evaluation"):
         full = metrics.squad_scores(TINY, {"q1": "Paris", "q2": "RED", "q3": "paris.", "zz": "x"})
     assert full == {"exact_match": 100.0, "f1": 100.0}
     assert caplog.text == ""
@@ -120,7 +121,7 @@ def test_load_squad_names_the_file_and_json_path_of_a_malformed_record(tmp_path)
     del data["data"][1]["paragraphs"][1]["qas"][0]["answers"]
     path = _write(tmp_path / "dev.json", data)
     with pytest.raises(ValueError) as err:
-        metrics.load_squad(path)
+        load_squad(path)
     assert str(err.value) == f"{path}: data[1].paragraphs[1].qas[0]: missing 'answers'"
     # the same check guards squad_scores on an already-parsed dict
     with pytest.raises(ValueError, match=r"^dataset: data\[1\]\.paragraphs\[1\]\.qas\[0\]: missing 'answers'$"):
@@ -142,7 +143,7 @@ def test_load_squad_other_malformations(tmp_path, break_it, where):
     break_it(data)
     path = _write(tmp_path / "bad.json", data)
     with pytest.raises(ValueError) as err:
-        metrics.load_squad(path)
+        load_squad(path)
     assert str(err.value).startswith(f"{path}: {where}")
     assert "\n" not in str(err.value)
 
@@ -151,7 +152,7 @@ def test_load_squad_invalid_json(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('{"data": [', encoding="utf-8")
     with pytest.raises(ValueError, match=r"broken\.json: not valid UTF-8 JSON"):
-        metrics.load_squad(path)
+        load_squad(path)
 
 
 # --- the real dev set ---
@@ -165,14 +166,14 @@ def test_load_squad_flattens_the_official_files(dev_full, dev_300_path):
     assert first["title"] == "Super_Bowl_50"
     assert first["answers"] and all(isinstance(a, str) for a in first["answers"])
     assert first["answers"][0] in first["context"]
-    first300 = metrics.load_squad(dev_300_path)
+    first300 = load_squad(dev_300_path)
     assert len(first300) == DEV_300
     assert first300 == records[:DEV_300]
 
 
 def test_dev_set_first_gold_scores_100(dev_full, caplog):
     dataset, records = dev_full
-    with caplog.at_level(logging.WARNING, logger="finetune.metrics"):
+    with caplog.at_level(logging.WARNING, logger="finetune.evaluation"):
         scores = metrics.squad_scores(dataset, {r["id"]: r["answers"][0] for r in records})
     assert scores == {"exact_match": 100.0, "f1": 100.0}
     assert caplog.text == ""
@@ -191,23 +192,23 @@ def test_dev_set_empty_predictions(dev_full):
 
 def test_dev_set_missing_predictions_score_zero(dev_full, dev_300_path, caplog):
     dataset, _ = dev_full
-    predictions = {r["id"]: r["answers"][0] for r in metrics.load_squad(dev_300_path)}
-    with caplog.at_level(logging.WARNING, logger="finetune.metrics"):
+    predictions = {r["id"]: r["answers"][0] for r in load_squad(dev_300_path)}
+    with caplog.at_level(logging.WARNING, logger="finetune.evaluation"):
         scores = metrics.squad_scores(dataset, predictions)
     assert scores["exact_match"] == pytest.approx(100 * DEV_300 / DEV_FULL)
     assert scores["f1"] == pytest.approx(100 * DEV_300 / DEV_FULL)
     assert f"{DEV_FULL - DEV_300} of {DEV_FULL} questions have no prediction" in caplog.text
 
 
-# --- command line: python -m finetune.metrics squad DATASET.json PREDICTIONS.json ---
+# --- command line: python -m finetune.evaluation squad DATASET.json PREDICTIONS.json ---
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune.metrics", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "finetune.evaluation", *map(str, args)],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
 def test_cli_last_gold_on_first_300_questions(dev_300_path, tmp_path):
-    last = {r["id"]: r["answers"][-1] for r in metrics.load_squad(dev_300_path)}
+    last = {r["id"]: r["answers"][-1] for r in load_squad(dev_300_path)}
     assert len(last) == DEV_300
     preds = _write(tmp_path / "predictions.json", last)
     run = _cli("squad", dev_300_path, preds)
@@ -229,11 +230,11 @@ def test_cli_bad_usage_exits_2(capsys):
     run = _cli()
     assert run.returncode == 2
     assert run.stdout == ""
-    assert run.stderr == metrics.SQUAD_USAGE + "\n"
+    assert run.stderr == cli.SQUAD_USAGE + "\n"
     for argv in (["squad", "only-one.json"], ["bleu", "a.json", "b.json"], ["squad", "a", "b", "c"]):
-        assert metrics.main(argv) == 2
+        assert cli.main(argv) == 2
         out, err = capsys.readouterr()
-        assert out == "" and err == metrics.SQUAD_USAGE + "\n"
+        assert out == "" and err == cli.SQUAD_USAGE + "\n"
 
 
 def test_cli_malformed_or_missing_file_exits_1(tmp_path, capsys):
@@ -241,16 +242,16 @@ def test_cli_malformed_or_missing_file_exits_1(tmp_path, capsys):
     del data["data"][0]["paragraphs"][0]["qas"][0]["id"]
     bad = _write(tmp_path / "dev.json", data)
     preds = _write(tmp_path / "preds.json", {})
-    assert metrics.main(["squad", str(bad), str(preds)]) == 1
+    assert cli.main(["squad", str(bad), str(preds)]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert err == f"error: {bad}: data[0].paragraphs[0].qas[0]: missing 'id'\n"
 
     good = _write(tmp_path / "tiny.json", TINY)
-    assert metrics.main(["squad", str(good), str(tmp_path / "nope.json")]) == 1
+    assert cli.main(["squad", str(good), str(tmp_path / "nope.json")]) == 1
     assert "nope.json" in capsys.readouterr().err
     not_a_dict = _write(tmp_path / "list.json", ["Paris"])
-    assert metrics.main(["squad", str(good), str(not_a_dict)]) == 1
+    assert cli.main(["squad", str(good), str(not_a_dict)]) == 1
     assert "list.json: expected a JSON object" in capsys.readouterr().err
 
 
@@ -296,7 +297,7 @@ def test_gold_first_scores_against_the_first_answer_only():
 
 def test_first_question_of_every_paragraph_is_the_contest_set(dev_full):
     _, records = dev_full
-    contest = metrics.first_per_paragraph(records)
+    contest = first_per_paragraph(records)
     assert len(contest) == 2067                     # every paragraph of dev-v1.1 once
     assert len({r["context"] for r in contest}) == 2067       # one question per distinct passage
     assert contest[0] == records[0] and contest[1]["paragraph"] == 1

@@ -12,9 +12,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import FINETUNE, QUICK
-from finetune.schema import SweepConfig
-from finetune.sweep import objective_value, pick_best, retained
+from finetune.config.schema import SweepConfig
+from finetune.tracking.sweep import objective_value, pick_best, retained
+from helpers import FINETUNE, QUICK
 
 # Tiny jobs: the QUICK demo (its base comes from quick_root's cache), 2 optimizer steps, 8 questions.
 TINY = [*QUICK, "train.max_steps=2", "eval.limit=8"]
@@ -117,8 +117,8 @@ def test_best_run_is_the_child_with_the_highest_mc_accuracy(grid):
 
 def test_report_on_a_real_run_dir(grid):
     """write_report on a sweep job's own files: the CSV's numbers are summary.json's."""
-    from finetune.report import write_report
-    from finetune.tracking import Tracker
+    from finetune.tracking.report import write_report
+    from finetune.tracking.tracker import Tracker
 
     run_dir = grid[0] / "grid" / "0"
     s = json.loads((run_dir / "summary.json").read_text())
@@ -183,8 +183,8 @@ def test_optuna_sweep_plots_and_importances(optuna):
 def test_optuna_preset_direction_follows_sweep_direction():
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONF
-    from finetune.schema import register
+    from finetune.config.schema import register
+    from helpers import CONF
 
     register()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):

@@ -4,7 +4,7 @@ The CPU/memory side is MLflow's own monitor, checked on the pipeline run (tests/
 import os
 from pathlib import Path
 
-from finetune.system import npu_monitor_class, parse_npu_smi
+from finetune.tracking.system_metrics import npu_monitor_class, parse_npu_smi
 
 SAMPLE = Path(__file__).parent / "data" / "npu-smi-info.txt"
 

@@ -2,10 +2,10 @@ from collections import Counter
 
 import pytest
 
-from conftest import shared_path
 from finetune.data import demo
 from finetune.data.prompts import build_prompt, target
-from finetune.tokenizer import TokenizerError, load_tokenizer
+from finetune.data.tokenizer import TokenizerError, load_tokenizer
+from helpers import shared_path
 
 
 def test_builtin_encoding_words_are_single_tokens():
@@ -71,8 +71,8 @@ def test_demo_bad_size():
 def test_wrong_or_corrupt_tokenizer_files_are_one_line(tmp_path):
     """A SentencePiece model given as tiktoken and the reverse each name the file and the fix; a
     corrupt SentencePiece file names the file (not sentencepiece's 'could not parse ModelProto')."""
+    from finetune.data.tokenizer import load_tokenizer
     from finetune.errors import TokenizerError
-    from finetune.tokenizer import load_tokenizer
 
     spm = shared_path("tokenizers", "internlm_v7_sft.model")
     rank_file = shared_path("tokenizers", "cl100k_base.tiktoken")

@@ -1,14 +1,13 @@
 """MLflow tracking against a real SQLite store (no mocks), plus flatten / sanitize."""
 from __future__ import annotations
 
-import finetune  # noqa: F401  (first: sets the protobuf env var before MLflow imports protobuf)
-
 import math
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from finetune.tracking import MAX_PARAM_VALUE, Tracker, default_uri, flatten, sanitize
+from finetune.tracking.store import default_uri
+from finetune.tracking.tracker import MAX_PARAM_VALUE, Tracker, flatten, sanitize
 
 
 @pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
@@ -180,13 +179,13 @@ def test_sanitized_names_are_accepted_by_mlflow(store):
     ("max_new_tokens: 16\ntokenizer: {path: x}", "max_new_tokens: 16\ntokenizer: {path: x}"),
 ])
 def test_redact(text, expected):
-    from finetune.redact import redact
+    from finetune.runtime.redact import redact
 
     assert redact(text) == expected
 
 
 def test_redact_params_by_key_name_and_value():
-    from finetune.redact import redact_params, split_credentials
+    from finetune.runtime.redact import redact_params, split_credentials
 
     assert redact_params({"tracking.uri": "http://a:b@c", "x.api_key": "k1", "x.secret": "None",
                           "eval.squad.max_new_tokens": "16"}) == {
@@ -201,10 +200,10 @@ def test_dataset_inputs_name_source_digest_and_context(store, tmp_path):
     sources, row counts and schemas."""
     import json
 
-    from conftest import QUICK, resolved
-    from finetune.lineage import dataset_inputs, to_mlflow
-    from finetune.prepare import prepare
-    from finetune.tokenizer import load_tokenizer
+    from finetune.data.prepare import prepare
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.tracking.lineage import dataset_inputs, to_mlflow
+    from helpers import QUICK, resolved
 
     cfg = resolved([*QUICK, f"output_root={tmp_path}", "dataset.demo.squad_questions=10"])
     prepared = prepare(cfg, load_tokenizer("tiktoken", None))

@@ -2,17 +2,17 @@
 import numpy as np
 import pytest
 
-from conftest import compose
 from finetune.data.mindrecord import read_shards
-from finetune.adapter import load_adapter, save_adapter
+from finetune.data.prepare import prepare
 from finetune.data.prepared import load_questions
+from finetune.data.tokenizer import load_tokenizer
 from finetune.errors import ModelError
-from finetune.lora import apply_lora
-from finetune.model import build_model, count_params
-from finetune.prepare import prepare
-from finetune.scoring import build_eval_prompts, letter_logits, letter_token_ids
-from finetune.tokenizer import load_tokenizer
-from finetune.train import Schedule, row_feed, run_steps
+from finetune.evaluation.scoring import build_eval_prompts, letter_logits, letter_token_ids
+from finetune.model.adapter import load_adapter, save_adapter
+from finetune.model.llama import build_model, count_params
+from finetune.model.lora import apply_lora
+from finetune.training.loop import Schedule, row_feed, run_steps
+from helpers import compose
 
 
 class _NoTracker:
@@ -241,7 +241,7 @@ def test_apply_lora_seeds_every_lora_dropout():
 def test_early_stopping_bookkeeping():
     """train.early_stopping: the best evaluation so far is kept; `patience` evaluations in a row
     without improvement stop the run. Accuracy: higher is better; the general-loss delta: lower."""
-    from finetune.during import DuringTraining
+    from finetune.training.during import DuringTraining
 
     def tracker(metric, patience):
         d = DuringTraining.__new__(DuringTraining)
@@ -258,9 +258,9 @@ def test_early_stopping_bookkeeping():
 
 
 def test_general_text_rows_put_the_loss_on_every_text_token():
-    from finetune.during import text_rows
-    from finetune.model import IGNORE_ID
-    from finetune.tokenizer import load_tokenizer
+    from finetune.data.records import IGNORE_ID
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.training.during import text_rows
 
     tok = load_tokenizer("tiktoken", None)
     ids, labels = text_rows(["the cat sat", "a much longer passage " * 40], tok, 16)

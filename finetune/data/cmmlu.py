@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .records import Question, check_root, load_csv, make_question, split_files
+from finetune.data.records import Question, check_root, load_csv, make_question, split_files
 
 SPLITS = ("dev", "val", "test")
 COLUMNS = ("Question", "A", "B", "C", "D", "Answer")  # the leading unnamed index column is ignored

@@ -20,8 +20,8 @@ from __future__ import annotations
 import random
 import re
 
-from ..squad import squad_prompt
-from .records import LETTERS, Question
+from finetune.data.records import LETTERS, Question
+from finetune.data.squad import squad_prompt
 
 KINDS = ("fruit", "animal", "tool", "colour")
 

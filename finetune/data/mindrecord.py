@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model import IGNORE_ID
+from finetune.data.records import IGNORE_ID
 
 SCHEMA = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}
 

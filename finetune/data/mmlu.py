@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .records import DataError, Question, check_root, load_csv, make_question, split_files
+from finetune.data.records import DataError, Question, check_root, load_csv, make_question, split_files
 
 SPLITS = ("dev", "val", "test")
 _WHAT = "question,A,B,C,D,answer"

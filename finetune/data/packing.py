@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..model import IGNORE_ID
+from finetune.data.records import IGNORE_ID
 
 # First-fit decreasing runs within chunks of this many shuffled examples: a chunk is large enough
 # that its lengths fill rows to within a few percent, small enough that a row's examples are a

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .records import Question
+from finetune.data.records import Question
 
 META = "meta.json"
 SQUAD_FILE = "squad.json"

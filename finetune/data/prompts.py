@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .records import LETTERS, DataError, Question
+from finetune.data.records import LETTERS, DataError, Question
 
 STYLES = ("mmlu", "cmmlu", "contest")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import DataError  # noqa: F401  (re-exported: the readers' error type)
+from finetune.errors import DataError
 
-log = logging.getLogger("finetune.data")
+log = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -177,3 +177,7 @@ def check_root(path: str | Path, name: str) -> Path:
     if not root.is_dir():
         raise DataError(f"{root}: {name} data directory not found (expected dev/ and test/ inside)")
     return root
+
+
+# Label value that the loss ignores (prompt tokens and padding); MindFormers' default.
+IGNORE_ID = -100

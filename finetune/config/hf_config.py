@@ -1,0 +1,55 @@
+"""A Hugging Face model folder's config.json read as `model` config keys: the architecture of a
+run whose model.checkpoint is such a folder (folded into the config by finetune/config/checks.py
+before any check runs). Weights are read by finetune/model/hf.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.errors import ModelError
+
+# Architectures whose HF checkpoints use the Llama parameter layout (finetune/layout.py).
+LLAMA_FAMILY = {"LlamaForCausalLM", "InternLMForCausalLM", "MistralForCausalLM"}
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """ModelConfig fields from an HF config.json; the model's dimensions come from here."""
+    path = Path(path)
+    file = path / "config.json"
+    if not file.is_file():
+        raise ModelError(f"model.checkpoint: {path} has no config.json (expected a Hugging Face model folder)")
+    try:
+        hf = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{file}: not valid JSON ({e})") from None
+    archs = set(hf.get("architectures") or [])
+    if not archs & LLAMA_FAMILY and hf.get("model_type") not in ("llama", "internlm"):
+        raise ModelError(f"{file}: architectures {sorted(archs) or hf.get('model_type')!r} is not Llama-family "
+                         f"(supported: {', '.join(sorted(LLAMA_FAMILY))})")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if not isinstance(hf.get(key), int):
+            raise ModelError(f"{file}: '{key}' missing or not an integer")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    if head_dim * heads != hf["hidden_size"]:
+        raise ModelError(f"{file}: head_dim {head_dim} x {heads} heads != hidden_size {hf['hidden_size']} "
+                         f"(not supported by MindFormers Llama)")
+    rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    bias = bool(hf.get("attention_bias", hf.get("bias", False)))   # InternLM calls it "bias"
+    return {
+        "hidden_size": hf["hidden_size"],
+        "num_layers": hf["num_hidden_layers"],
+        "num_heads": heads,
+        "n_kv_heads": hf.get("num_key_value_heads") if hf.get("num_key_value_heads") not in (None, heads) else None,
+        "intermediate_size": hf["intermediate_size"],
+        "vocab_size": hf["vocab_size"],
+        "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "rope_theta": float(rope),
+        "qkv_has_bias": bias,
+        "attn_proj_has_bias": bias,
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }

@@ -1,0 +1,25 @@
+"""What every stage receives: a small frozen record of the run's artifacts. Stages load what they
+need from these files; nothing else passes between them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunContext:
+    cfg: Any                    # the resolved, read-only config (checks.resolve)
+    run_dir: Path               # where the stage writes its files
+    prepared: Path | None       # the prepared-data folder (prepare.prepare); None for a plan-only run
+    base_checkpoint: Path | None  # the base weights as a MindSpore checkpoint (base.resolve_base)
+    tok: Any                    # the tokenizer (tokenizer.load_tokenizer)
+    tracker: Any                # MLflow run (tracking.Tracker), or a silent one on ranks other than 0
+    rank: int = 0               # this process's data-parallel rank
+    given: frozenset[str] = field(default_factory=frozenset)   # config keys set on the command line
+
+    def load_base(self, batch_size: int):
+        """The base model with its weights, for a stage's batch size."""
+        from finetune.model.llama import load_model
+
+        return load_model(self.cfg.model, self.cfg.hardware, self.tok, batch_size, self.base_checkpoint)

@@ -1,0 +1,354 @@
+"""Stage `train`: LoRA fine-tuning in MindSpore graph mode. Also the jit step and the loop that
+the demo's base pretraining (finetune/base.py) runs.
+
+The step is `ms.value_and_grad` + optional `mindspore.amp.DynamicLossScaler` + global-norm
+clipping + MindFormers AdamW, each inside `@ms.jit`: `nn.TrainOneStepWithLossScaleCell` does not
+run on CPU (NPUGetFloatStatusV2), while this form runs on CPU and Ascend alike.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from finetune.data.packing import PackedRows, step_inputs
+from finetune.data.packing import labelled_per_row as packed_labels_per_row
+from finetune.data.records import IGNORE_ID
+from finetune.errors import ModelError, TrainingDiverged
+from finetune.model.checkpoint import read_checkpoint
+from finetune.model.forward import answer_loss_cell, batch_inputs, labelled_per_row, packed_loss_cell
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which rows each optimizer step takes: batch_size x accumulation rows of this rank's shard
+    per step, `epochs` passes (capped at max_steps), batch order drawn from (seed, epoch)."""
+    batch_size: int
+    epochs: int
+    seed: int
+    accumulation: int = 1
+    max_steps: int | None = None
+    shuffle: bool = True
+    # Under dynamic loss scaling, a non-finite step is an overflow: skipped, the scale halved. This
+    # many in a row means the run diverged, not the scale. Without loss scaling: the first one.
+    max_nonfinite_steps: int = 8
+
+
+@dataclass(frozen=True)
+class Feed:
+    """What run_steps trains on. rows: rows per rank (steps per epoch = rows // (batch x
+    accumulation)); loss_cell(net): the Cell whose output is the loss; micro(k, m, b, acc):
+    (inputs, tokens processed, real tokens) of micro-batch m of global batch k on this rank,
+    the token counts over all ranks."""
+    rows: int
+    loss_cell: object
+    micro: object
+    packed: bool = False
+
+
+def row_feed(ids: np.ndarray, labels: np.ndarray, pad_id: int, sparse: bool, world: int = 1) -> Feed:
+    """Rows of this rank's shard as they are ([N, seq_length + 1]). sparse: each batch cut to a
+    length bucket and the loss taken at the labelled positions only (forward.batch_inputs: the
+    same loss and gradients as the full model); else the model's own loss over every position
+    (pretraining on packed text)."""
+    answers_per_row = labelled_per_row(labels) if sparse else None
+
+    def micro(k: int, m: int, b: int, accumulation: int):
+        rows = slice((k * accumulation + m) * b, (k * accumulation + m + 1) * b)
+        arrays, processed = batch_inputs(ids[rows], labels[rows], pad_id, answers_per_row)
+        return arrays, processed * world, int((ids[rows][:, :-1] != pad_id).sum()) * world  # every rank takes as many
+
+    return Feed(rows=len(ids), loss_cell=answer_loss_cell if sparse else (lambda net: net), micro=micro)
+
+
+def packed_feed(packed: PackedRows, rank: int = 0, world: int = 1) -> Feed:
+    """Packed rows (data/packing.py), all of them on every rank: global batch k is rows k*G ..
+    (k+1)*G - 1 (G = batch x accumulation x world) whatever the device count; micro-batch m of
+    rank r takes b of them. Each labelled position is weighted by acc x world / (labelled
+    positions of the whole optimizer step), so after the step averages micro-batches and ranks
+    the loss is the step's mean over its labelled tokens, however they fall on rows and ranks."""
+    k_per_row = packed_labels_per_row(packed.targets)
+    labelled = (packed.targets != IGNORE_ID).sum(axis=1)
+    real = (packed.segments > 0).sum(axis=1)
+    length = packed.tokens.shape[1]
+
+    def micro(k: int, m: int, b: int, accumulation: int):
+        g = b * accumulation * world
+        weight = accumulation * world / max(int(labelled[k * g:(k + 1) * g].sum()), 1)
+        start = k * g + m * world * b      # this micro-batch, every rank
+        index = np.arange(start + rank * b, start + (rank + 1) * b)
+        return (step_inputs(packed, index, k_per_row, weight), world * b * length,
+                int(real[start:start + world * b].sum()))
+
+    return Feed(rows=len(packed) // world, loss_cell=packed_loss_cell, micro=micro, packed=True)
+
+
+def make_optimizer(params, opt_cfg, total_steps: int):
+    from mindformers.core.lr import CosineWithWarmUpLR
+    from mindformers.core.optim import AdamW
+
+    lr = CosineWithWarmUpLR(learning_rate=opt_cfg.learning_rate, warmup_ratio=opt_cfg.warmup_ratio,
+                            total_steps=max(total_steps, 1))
+    opt = AdamW(params, learning_rate=lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps,
+                weight_decay=opt_cfg.weight_decay)
+    return opt, lr
+
+
+def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int, world: int = 1):
+    """(micro_step, step, scaler) for one optimizer step over `accumulation` micro-batches.
+    `net(*inputs)` returns the loss: the model itself (input_ids, labels), or forward.answer_loss_cell.
+
+    micro_step(*inputs) -> scaled loss: adds this micro-batch's gradients to fp32 buffers.
+    step(*inputs) -> (scaled loss, grad norm, finite): the last micro-batch; averages the buffered
+    gradients, unscales, checks for overflow, clips, updates (skipped on overflow), clears.
+    Everything stays inside jit graphs: handing gradient tuples from one jit call to another
+    costs ~2.5 s per step on CPU here, against ~0.35 s for the whole fused step.
+
+    Data parallel (world > 1, msrun workers after communication.init()): gradients and loss are
+    averaged over the ranks with AllReduce inside the same graph, before unscaling, the overflow
+    check and clipping, so every rank applies the identical update. (MindSpore's DATA_PARALLEL
+    auto-parallel mode does not compile MindFormers' Llama in graph mode on CPU; see
+    ../shared/notes/mindspore-cpu.md.)"""
+    import mindspore as ms
+    from mindspore import amp, ops
+
+    scaler = None   # loss_scale.kind is a schema enum: none | dynamic
+    if loss_scale.kind == "dynamic":
+        scaler = amp.DynamicLossScaler(loss_scale.init_scale, int(loss_scale.factor), loss_scale.window)
+
+    if scaler is None:
+        def forward(*inputs):
+            return net(*inputs)
+    else:
+        def forward(*inputs):
+            return scaler.scale(net(*inputs))
+    grad_fn = ms.value_and_grad(forward, None, opt.parameters)
+    buffers = ms.ParameterTuple([ms.Parameter(ops.zeros(p.shape, ms.float32), name=f"accum.{p.name}",
+                                              requires_grad=False)
+                                 for p in opt.parameters]) if accumulation > 1 else ()
+
+    allreduce = ops.AllReduce() if world > 1 else None   # sum over ranks
+
+    @ms.jit
+    def micro_step(*inputs):
+        loss, grads = grad_fn(*inputs)
+        for buf, g in zip(buffers, grads):
+            ops.assign_add(buf, g.astype(ms.float32))
+        if world > 1:
+            loss = allreduce(loss) / world
+        return loss
+
+    @ms.jit
+    def step(*inputs):
+        loss, grads = grad_fn(*inputs)
+        if accumulation > 1:
+            grads = tuple((buf + g.astype(ms.float32)) / accumulation for buf, g in zip(buffers, grads))
+            for buf in buffers:
+                ops.assign(buf, ops.zeros_like(buf))
+        if world > 1:
+            loss = allreduce(loss) / world
+            grads = tuple(allreduce(g) / world for g in grads)
+        if scaler is not None:
+            grads = scaler.unscale(grads)
+        finite = amp.all_finite(grads)
+        norm = ops.sqrt(ops.addn([ops.reduce_sum(ops.square(g.astype(ms.float32))) for g in grads]))
+        if max_grad_norm > 0:
+            grads = ops.clip_by_global_norm(grads, max_grad_norm)
+        if finite:
+            opt(grads)
+        if scaler is not None:
+            scaler.adjust(finite)
+        return loss, norm, finite
+
+    return micro_step, step, scaler
+
+
+def batch_order(num_batches: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+    """The order of an epoch's global batches. Batch composition is fixed by the shuffled shards
+    (data/mindrecord.write_shards); each epoch visits the batches in a new order drawn from
+    (seed, epoch) alone, so every rank agrees, the order does not depend on the device count,
+    and a resumed run can jump straight to any step."""
+    if not shuffle:
+        return np.arange(num_batches)
+    return np.random.default_rng([seed, epoch]).permutation(num_batches)
+
+
+def optimizer_state(opt, scaler) -> list:
+    """[(name, Parameter)] that resume must restore besides the adapter: AdamW's moments and
+    global_step (the LR schedule reads it), the dynamic loss scale and its growth counter."""
+    trained = {id(p) for p in opt.parameters}
+    state = [(p.name, p) for p in opt.get_parameters() if id(p) not in trained]
+    if scaler is not None:
+        state += [("loss_scale.scale_value", scaler.scale_value), ("loss_scale.counter", scaler.counter)]
+    return state
+
+
+def load_optimizer_state(state: list, path: Path) -> None:
+    import mindspore as ms
+
+    saved = read_checkpoint(path, "train.resume")
+    missing = [name for name, _ in state if name not in saved]
+    if missing:
+        raise ModelError(f"train.resume: {path} lacks optimizer state {missing[:3]} "
+                         f"(was it written with other optimizer/loss-scale settings?)")
+    for name, p in state:
+        p.set_data(ms.Tensor(saved[name], p.dtype))
+
+
+def total_steps(rows: int, rows_per_step: int, epochs: int, max_steps: int | None) -> int:
+    """Optimizer steps of a run: whole steps per epoch (this rank's rows) x epochs, capped by max_steps."""
+    total = rows // rows_per_step * epochs
+    return total if max_steps is None else min(total, max_steps)
+
+
+LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "loss_scale")
+
+
+def run_steps(net, feed: Feed, schedule: Schedule, *, opt_cfg, hw, tracker, prefix: str, desc: str, world: int = 1,
+              log_file: Path | None = None, save_at=(), on_save=None, resume_state: tuple[int, Path] | None = None,
+              on_step=None) -> dict:
+    """The training loop shared by LoRA fine-tuning and base pretraining.
+
+    `feed` gives each micro-batch's inputs (row_feed: this rank's rows; packed_feed: packed rows);
+    one optimizer step takes batch_size x accumulation rows from every rank. on_save(step, state)
+    runs after the steps listed in save_at, with state = optimizer_state(...); resume_state =
+    (step, state file) continues after that step. on_step(step, last) runs after every step
+    (last: the run's final step); returning True stops the run there (early stopping)."""
+    import mindspore as ms
+
+    batch_size, accumulation, seed = schedule.batch_size, schedule.accumulation, schedule.seed
+    per_step = batch_size * accumulation
+    steps_per_epoch = feed.rows // per_step
+    if steps_per_epoch == 0:
+        what = "packed rows" if feed.packed else "training examples"
+        raise ModelError(f"train.batch_size={batch_size} x gradient_accumulation_steps={accumulation} is more "
+                         f"than the {feed.rows} {what} (per device)")
+    total = total_steps(feed.rows, per_step, schedule.epochs, schedule.max_steps)
+    params = [p for p in net.get_parameters() if p.requires_grad]
+    opt, lr_schedule = make_optimizer(params, opt_cfg, total)
+    loss_net = feed.loss_cell(net)
+    micro_step, full_step, scaler = make_step(loss_net, opt, hw.loss_scale, opt_cfg.max_grad_norm, accumulation,
+                                              world)
+    state = optimizer_state(opt, scaler)
+    start = 0
+    if resume_state is not None:
+        start, state_file = resume_state
+        load_optimizer_state(state, state_file)
+        log.info("resumed after step %d of %d (%s)", start, total, state_file)
+    net.set_train(True)
+
+    def current_scale() -> float:
+        return float(scaler.scale_value.asnumpy()) if scaler is not None else 1.0
+
+    log_rows = _open_log(log_file, start)
+    losses, tokens_done, timed_tokens, timed_seconds, skipped, processed, shapes = [], 0, 0, 0.0, 0, 0, set()
+    all_seconds = 0.0   # every step, compiles included
+    nonfinite_run = 0   # non-finite steps in a row
+    limit = schedule.max_nonfinite_steps if scaler is not None else 1
+    order, order_epoch = None, -1
+    bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    for step in range(start + 1, total + 1):
+        epoch, s = divmod(step - 1, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = batch_order(steps_per_epoch, epoch, seed, schedule.shuffle), epoch
+        k = int(order[s])
+        t0 = time.perf_counter()
+        loss_sum, step_tokens, scale, compiled = 0.0, 0, current_scale(), False
+        for m in range(accumulation):
+            arrays, n_processed, n_real = feed.micro(k, m, batch_size, accumulation)
+            processed += n_processed
+            # a new shape (or the first micro-step graph): this step compiles a graph
+            key = (m < accumulation - 1, arrays[0].shape)
+            compiled |= key not in shapes
+            shapes.add(key)
+            inputs = tuple(ms.Tensor(a) for a in arrays)
+            if m < accumulation - 1:
+                loss = micro_step(*inputs)
+            else:
+                loss, norm, finite = full_step(*inputs)
+            loss_sum += float(loss.asnumpy().item()) / scale
+            step_tokens += n_real
+        dt = time.perf_counter() - t0
+        all_seconds += dt
+        loss_value = loss_sum / accumulation
+        finite = bool(finite.asnumpy()) and math.isfinite(loss_value)
+        skipped += not finite
+        nonfinite_run = 0 if finite else nonfinite_run + 1
+        losses.append(loss_value)
+        tokens_done += step_tokens
+        if not compiled:  # a step that compiled a graph (a new shape) is not a measure of speed
+            timed_tokens += step_tokens
+            timed_seconds += dt
+        lr = float(lr_schedule(ms.Tensor(step - 1, ms.int32)).asnumpy())
+        tps = step_tokens / dt
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
+        row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(norm.asnumpy()),
+               "tokens_per_s": tps, "loss_scale": current_scale()}
+        # MLflow keeps finite points only (tracking.Tracker): the count says when there were others
+        tracker.log_metrics({**{f"{prefix}{key}": v for key, v in row.items() if key != "step"},
+                             f"{prefix}nonfinite_steps": skipped}, step=step)
+        if log_rows:
+            log_rows.write(",".join(f"{row[c]:.8g}" if c != "step" else str(step) for c in LOG_COLUMNS) + "\n")
+            log_rows.flush()
+        if nonfinite_run >= limit:
+            bar.close()
+            if log_rows:
+                log_rows.close()
+            tracker.flush()
+            why = "without loss scaling" if scaler is None else f"{nonfinite_run} steps in a row under loss scaling"
+            raise TrainingDiverged(
+                f"training diverged at step {step}: loss {loss_value:.6g}, gradient norm {row['grad_norm']:.6g} "
+                f"(not finite, {why}); no adapter written from it, the checkpoints saved before are kept "
+                f"(lower optimizer.learning_rate, currently {opt_cfg.learning_rate:g})")
+        if step in save_at and on_save is not None:
+            on_save(step, state)
+        if on_step is not None and on_step(step, step == total):
+            log.info("early stopping after step %d of %d", step, total)
+            total = step
+            break
+    bar.close()
+    if log_rows:
+        log_rows.close()
+    tokens_per_s = timed_tokens / timed_seconds if timed_seconds else float("nan")
+    return {"steps": total, "steps_this_run": total - start, "loss_first": losses[0] if losses else float("nan"),
+            "loss_last": losses[-1] if losses else float("nan"), "losses": losses, "tokens_per_s": tokens_per_s,
+            "tokens_per_s_all_steps": tokens_done / all_seconds if all_seconds else float("nan"),
+            "tokens": tokens_done, "overflow_steps": skipped, "seconds": timed_seconds, "seconds_all_steps": all_seconds,
+            # padded / processed tokens, and how many step graphs were compiled (one per input shape
+            # and kind: the accumulating micro-step and the updating step are two graphs)
+            "pad_fraction": 1 - tokens_done / processed if processed else float("nan"), "shapes": len(shapes)}
+
+
+def _open_log(log_file: Path | None, start: int):
+    """train_log.csv, one row per optimizer step; on resume, rows after the resumed step (written
+    after the checkpoint by the interrupted run) are dropped so each step appears once."""
+    if log_file is None:
+        return None
+    kept = []
+    if start > 0 and log_file.is_file():
+        kept = [line for line in log_file.read_text().splitlines()[1:] if int(line.split(",")[0]) <= start]
+    f = open(log_file, "w")
+    f.write(",".join(LOG_COLUMNS) + "\n" + "".join(line + "\n" for line in kept))
+    return f
+
+
+
+
+
+
+
+
+
+
+
+
+
+
