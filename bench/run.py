@@ -591,7 +591,7 @@ def decode(ctx: dict) -> dict:
 # 5. data preparation: all of MMLU, all of CMMLU
 
 def prepare(ctx: dict) -> dict:
-    """Per data set, from an empty output_root each time: (a) finetune.prepare.prepare() alone in a
+    """Per data set, from an empty output_root each time: (a) finetune.data.prepare.prepare() alone in a
     process of its own (the data preparation: read, split, tokenize, MindRecord), and (b) the
     command `finetune stages=[prepare]` (adds start-up, the MLflow store and the random-init base
     checkpoint it builds for model=tiny). The targets are judged on (a) summed over both sets."""
@@ -742,7 +742,7 @@ def tables(results: dict) -> str:
                       f"Speed-up {d['speedup']:.2f}x (target >= {d['target_speedup']}x: {_f(d['met'])}); "
                       f"same tokens as without the cache: {d['same_tokens']}.", ""]
         else:
-            lines += ["", "KV cache: not available (finetune.generate.greedy_generate has no `cache` argument yet); "
+            lines += ["", "KV cache: not available (finetune.model.generate.greedy_generate has no `cache` argument yet); "
                       "target >= 5x not measured.", ""]
     if "prepare" in results:
         p = results["prepare"]

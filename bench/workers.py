@@ -4,10 +4,10 @@ bench/run.py in a process of its own (so its peak RSS is its own):
     python -m bench.workers rows|eval|decode|peak|prepare ARGS.json OUT.json
 
 rows     the tool's prepared training rows, in the order the tool's train stage takes them
-eval     examples/s of multiple-choice scoring (finetune.scoring.letter_logits) at two seq lengths
+eval     examples/s of multiple-choice scoring (finetune.evaluation.scoring.letter_logits) at two seq lengths
 decode   greedy decode tokens/s of the real stories260K Llama, with and without the KV cache
 peak     fp32 matmul GFLOP/s of MindSpore (CPU, graph mode) and numpy on this machine
-prepare  finetune.prepare.prepare() alone: one data set, an empty output_root
+prepare  finetune.data.prepare.prepare() alone: one data set, an empty output_root
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def ms_setup(cfg, work: Path) -> None:
 
 
 def rows(args: dict) -> dict:
-    """Prepare the data (finetune.prepare.prepare, cached in output_root) and write, per size, the
+    """Prepare the data (finetune.data.prepare.prepare, cached in output_root) and write, per size, the
     examples of the tool's train stage step by step in its order, so that PEFT trains on exactly
     the same examples in the same steps: train.run_steps takes global batch order[s]
     (train.batch_order) at step s, i.e. packed rows k*B..k*B+B-1 (train.packing, the default: the
@@ -151,7 +151,7 @@ def eval_mc(args: dict) -> dict:
 
 
 def decode(args: dict) -> dict:
-    """greedy_generate on the real stories260K Llama (finetune.base.convert_hf + model.load_model, as
+    """greedy_generate on the real stories260K Llama (finetune.training.base.convert_hf + model.load_model, as
     tests/test_hf_import.py loads it). Prompts: `batch` rows of a few hundred token ids drawn from the
     512-token vocabulary with a fixed seed (BOS first; no text tokenizer ships with the model, and
     the work per new token does not depend on which ids they are). eos_id -1: never stops early,
@@ -233,7 +233,7 @@ def peak(args: dict) -> dict:
 
 
 def prepare_data(args: dict) -> dict:
-    """finetune.prepare.prepare() alone on an empty output_root: read + split + Alpaca JSON + tokenize
+    """finetune.data.prepare.prepare() alone on an empty output_root: read + split + Alpaca JSON + tokenize
     + MindRecord, plus loading the tokenizer. `profile`: the functions with the most cumulative time."""
     import cProfile
     import io

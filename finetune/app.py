@@ -2,9 +2,9 @@
 base weights), then run the selected stages inside one MLflow run. Each stage reads files and
 writes files in the run directory; they share nothing but the RunContext.
 
-  finetune/checks.py    every config check, before any work
-  finetune/prepare.py   prepared data  (cached by content hash)
-  finetune/base.py      base weights   (a .ckpt, a converted HF folder, or the demo's pretrained base)
+  finetune/config/checks.py    every config check, before any work
+  finetune/data/prepare.py   prepared data  (cached by content hash)
+  finetune/training/base.py      base weights   (a .ckpt, a converted HF folder, or the demo's pretrained base)
   STAGES below          plan, prepare, train, evaluate, merge, predict, export, in that order
 """
 from __future__ import annotations

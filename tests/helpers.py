@@ -54,7 +54,7 @@ def compose(overrides=()):
 
 
 def resolved(overrides=()):
-    """compose + finetune.checks.resolve: the read-only config the stages receive."""
+    """compose + finetune.config.checks.resolve: the read-only config the stages receive."""
     from finetune.config.checks import resolve
 
     return resolve(compose(overrides))

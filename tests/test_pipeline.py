@@ -75,7 +75,7 @@ def test_predict_uses_the_merged_model_and_matches_evaluate(pipeline):
 def test_identical_runs_with_dropout_give_identical_logs(pipeline):
     """The same command and seed with LoRA dropout on (0.05): the same loss, learning rate and
     gradient norm at every step, and the same adapter. (MindSpore's own CPU Dropout differs between
-    processes after its 5th call; the seeded dropout in finetune/lora.py does not.)"""
+    processes after its 5th call; the seeded dropout in finetune/model/lora.py does not.)"""
     import mindspore as ms
     import numpy as np
 

@@ -1,4 +1,4 @@
-"""Run report artifacts (finetune/report.py): CSV + charts + report.md written with real matplotlib and
+"""Run report artifacts (finetune/tracking/report.py): CSV + charts + report.md written with real matplotlib and
 logged to a real MLflow SQLite store. The run dir holds files in the formats the stages write (a
 real job's run dir is checked in test_sweep.py::test_report_on_a_real_run_dir)."""
 import csv

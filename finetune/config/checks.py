@@ -1,6 +1,6 @@
 """Every config check that the schema's types cannot express, in one place, run at start-up
 before any data is read or model built. Typed choices (stages, styles, kinds, dtypes, modes,
-formats, directions) are enums in finetune/schema.py and fail earlier, when Hydra composes.
+formats, directions) are enums in finetune/config/schema.py and fail earlier, when Hydra composes.
 
 `resolve(cfg)` returns the config the run uses: interpolations resolved, a Hugging Face
 checkpoint's config.json folded into `model`, enums as plain strings, read-only. The checks run

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from finetune.errors import ModelError
 
-# Architectures whose HF checkpoints use the Llama parameter layout (finetune/layout.py).
+# Architectures whose HF checkpoints use the Llama parameter layout (finetune/model/layout.py).
 LLAMA_FAMILY = {"LlamaForCausalLM", "InternLMForCausalLM", "MistralForCausalLM"}
 
 

@@ -282,7 +282,7 @@ class SquadGold(Choice):
 
 class SquadPrompt(Choice):
     plain = "plain"                # "{context}\n\nQuestion: {question}\nAnswer:"
-    mindformers = "mindformers"    # the contest's Alpaca-style template (finetune/squad.py)
+    mindformers = "mindformers"    # the contest's Alpaca-style template (finetune/evaluation/squad.py)
 
 
 class Truncate(Choice):
@@ -330,7 +330,7 @@ class McConfig:
 
 @dataclass
 class DuringConfig:
-    """What eval.every_n_steps measures (finetune/during.py)."""
+    """What eval.every_n_steps measures (finetune/training/during.py)."""
     limit: int = 64                # eval questions sampled once (seeded) for during_mc_accuracy
     general_limit: int = 32        # held-out passages (the SQuAD set's) for during_general_loss_delta
 
@@ -352,7 +352,7 @@ class EvalConfig:
     # are both at least this share of the base model's (the contest rule: 90%).
     retention_threshold: float = 0.9
     # Every N optimizer steps (and at the last): during_mc_accuracy and during_general_loss_delta as
-    # step metrics (finetune/during.py); null = off
+    # step metrics (finetune/training/during.py); null = off
     every_n_steps: Optional[int] = None
     during: DuringConfig = field(default_factory=DuringConfig)
 

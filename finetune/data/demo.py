@@ -134,7 +134,7 @@ def _passage(world: dict[str, str], rng: random.Random) -> tuple[str, list[tuple
 
 def reading_texts(world: dict[str, str], n: int, seed: int) -> list[str]:
     """n passages, each followed by all its questions with answers (in random order), for the base
-    corpus. The first question is in exactly the prompt format finetune.squad uses (its answer
+    corpus. The first question is in exactly the prompt format finetune.evaluation.squad uses (its answer
     ends the line, as answer_text expects), so the base learns the reading format; three answers
     per passage give more of that signal per token of corpus."""
     rng = random.Random(seed + 5)

@@ -1,5 +1,5 @@
 """SQuAD v1.1 retained-ability check: greedy answers for passage + question, scored with the
-official EM/F1 definitions (finetune.metrics), for the base model and base + adapter."""
+official EM/F1 definitions (finetune.evaluation.metrics), for the base model and base + adapter."""
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,5 @@
 """The Llama tensor layout, in one place: MindFormers' parameter names and shapes, and their
-Hugging Face names. Used by the HF import (finetune/hf.py), the export stage and the plan stage.
+Hugging Face names. Used by the HF import (finetune/model/hf.py), the export stage and the plan stage.
 
 Names map one to one (checked against HF transformers' logits on a real tiny Llama): no transpose
 (both store Linear weights as [out, in]) and no rotary permutation, because MindFormers' slice

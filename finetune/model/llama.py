@@ -38,7 +38,7 @@ def setup_context(hw, seed: int) -> None:
 def llama_config(model_cfg, hw, vocab_size: int, tok, batch_size: int, dynamic: bool = True):
     """MindFormers LlamaConfig for the model + hardware groups. dynamic (is_dynamic): the model takes
     any sequence length up to seq_length (the causal mask and rotary tables are sliced to the input),
-    so batches can be cut to their length bucket (finetune/forward.py)."""
+    so batches can be cut to their length bucket (finetune/model/forward.py)."""
     from mindformers import LlamaConfig
 
     return LlamaConfig(
@@ -101,7 +101,7 @@ def vocab_size_for(model_cfg, tok) -> int:
 
 def build_model(model_cfg, hw, tok, batch_size: int, seed: int | None = None, dynamic: bool = True):
     """A LlamaForCausalLM with MindSpore's initializers. `seed` (when given) seeds that init: only
-    a random-init base (finetune/base.py) depends on it; every stage loads weights from a file."""
+    a random-init base (finetune/training/base.py) depends on it; every stage loads weights from a file."""
     import mindspore as ms
     from mindformers import LlamaForCausalLM
 

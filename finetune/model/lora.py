@@ -1,5 +1,5 @@
 """LoRA through mindformers.pet: wrap the matching projections, freeze the base, seed the dropout.
-(The adapter *file* (save, read, merge) is finetune/adapter.py.)"""
+(The adapter *file* (save, read, merge) is finetune/model/adapter.py.)"""
 from __future__ import annotations
 
 import numpy as np

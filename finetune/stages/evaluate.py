@@ -1,6 +1,6 @@
 """Stage `evaluate`: multiple-choice accuracy from the answer-letter logits at the last prompt
-position (finetune/scoring.py), zero- or k-shot, overall and per subject, for the base model and
-base + adapter; the SQuAD retained-ability check (finetune/squad.py) for both; with
+position (finetune/evaluation/scoring.py), zero- or k-shot, overall and per subject, for the base model and
+base + adapter; the SQuAD retained-ability check (finetune/evaluation/squad.py) for both; with
 eval.checkpoints=true, every saved checkpoint too."""
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 tokenizer files) that other tools can load and serve.
 
 Weights: run_dir/merged.ckpt when the merge stage wrote one, else base + adapter merged on the fly,
-else (no adapter) the base. Tensor names come from finetune/layout.py; values are copied
+else (no adapter) the base. Tensor names come from finetune/model/layout.py; values are copied
 unchanged, so HF -> project -> HF is bit-for-bit where nothing was trained.
 
 Tokenizer: a SentencePiece model is copied as tokenizer.model (+ tokenizer_config.json naming

@@ -1,5 +1,5 @@
 """Stage `merge`: fold the run's LoRA adapter into its base, W' = W + (alpha / rank) * B @ A
-(finetune/adapter.py), and save a full checkpoint without adapter parameters, marked as merged.
+(finetune/model/adapter.py), and save a full checkpoint without adapter parameters, marked as merged.
 alpha / rank come from the adapter file itself, never from the command line."""
 from __future__ import annotations
 

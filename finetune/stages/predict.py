@@ -3,7 +3,7 @@
 Input (predict.input; default: the dataset's prepared eval split): an Alpaca JSON list ({instruction,
 input, output?}, optional id), or one MMLU/CMMLU CSV file (answer column optional). A record whose
 prompt ends in the style's answer cue ("Answer:" / "答案是：") is multiple choice: letter
-probabilities at the last position, scored as evaluate scores (finetune/scoring.py). Any other
+probabilities at the last position, scored as evaluate scores (finetune/evaluation/scoring.py). Any other
 record gets a greedy free-text answer (first line).
 Model: the run's merged.ckpt when the merge stage wrote one, else base + adapter, else the base.
 Output: JSON Lines {id, prediction, probabilities?}; predict.format=npy also writes results.npy

@@ -1,4 +1,4 @@
-"""`finetune-compare EXPERIMENT` (or `python -m finetune.compare`): one table of an experiment's runs,
+"""`finetune-compare EXPERIMENT` (or `python -m finetune.tracking.compare`): one table of an experiment's runs,
 key params and figures, best first by the sweep objective.
 
     finetune-compare finetune                        # outputs/mlflow.db, sorted by mc_accuracy

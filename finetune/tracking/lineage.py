@@ -5,7 +5,7 @@ folder, the SQuAD file, or the generated demo), and carries a content digest, so
 same data show the same digest and a changed file shows a new one.
 
 Digests: the training and evaluation sets take the prepared data's content hash (the cache key
-of finetune/prepare.py: the input files' bytes, the dataset settings, the tokenizer and the
+of finetune/data/prepare.py: the input files' bytes, the dataset settings, the tokenizer and the
 format — what decides the examples); the SQuAD set the sha256 of its file.
 """
 from __future__ import annotations

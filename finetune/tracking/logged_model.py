@@ -49,7 +49,7 @@ def mlflow_defaults(uri: str, experiment_id: str | None = None):
 
 class MultipleChoiceModel(mlflow.pyfunc.PythonModel):
     """pyfunc loader: builds the model from the logged config and checkpoint once, then scores the
-    letters of each question at the last prompt position (finetune/scoring.py)."""
+    letters of each question at the last prompt position (finetune/evaluation/scoring.py)."""
 
     def load_context(self, context):
         from omegaconf import OmegaConf

@@ -51,7 +51,7 @@ def in_multirun() -> bool:
 def retained(metrics: dict, params: dict) -> bool | None:
     """Whether a run kept its SQuAD ability, from its logged metrics (the boolean `retained` of
     summary.json is not a metric); None when SQuAD was not measured on both base and tuned model.
-    Same rule as evaluate: finetune.squad.retention with the run's eval.retention_threshold."""
+    Same rule as evaluate: finetune.evaluation.squad.retention with the run's eval.retention_threshold."""
     keys = ("squad_f1", "squad_em", "squad_f1_base", "squad_em_base")
     if not all(k in metrics for k in keys):
         return None

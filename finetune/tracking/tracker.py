@@ -1,7 +1,7 @@
 """MLflow tracking: one run per job; params = the flattened resolved config; the run is always
 ended FINISHED or FAILED (never left RUNNING). A Tracker with no client is a no-op (tests).
 
-Inside a multirun sweep (finetune/sweep.py) the sweep's callback opens a parent run and passes it
+Inside a multirun sweep (finetune/tracking/sweep.py) the sweep's callback opens a parent run and passes it
 through the SWEEP_* environment variables below; a Tracker on the same store and experiment then
 nests itself under that parent and tags its job number and overrides. Environment variables (not
 objects) carry this because msrun workers, which do the logging of a multi-device job, are
@@ -25,7 +25,7 @@ BATCH = 100              # MLflow's limit on params per log_batch call
 FLUSH_EVERY = 50         # buffered metric points; step metrics keep their own step + timestamp
 
 
-# Set by finetune.sweep for the duration of a multirun (parent run) and of each job (job number, overrides).
+# Set by finetune.tracking.sweep for the duration of a multirun (parent run) and of each job (job number, overrides).
 SWEEP_PARENT_ENV = "FINETUNE_SWEEP_PARENT_RUN_ID"
 SWEEP_URI_ENV = "FINETUNE_SWEEP_TRACKING_URI"
 SWEEP_EXPERIMENT_ENV = "FINETUNE_SWEEP_EXPERIMENT"
@@ -272,7 +272,7 @@ class Tracker:
             self._submit("tags", {k: redact(v) for k, v in tags.items()})
 
     def log_inputs(self, datasets: list) -> None:
-        """MLflow DatasetInput entities (finetune/lineage.py)."""
+        """MLflow DatasetInput entities (finetune/tracking/lineage.py)."""
         if self.client and datasets:
             self._submit("inputs", list(datasets))
 

@@ -1,5 +1,5 @@
 """Stage `train`: LoRA fine-tuning in MindSpore graph mode. Also the jit step and the loop that
-the demo's base pretraining (finetune/base.py) runs.
+the demo's base pretraining (finetune/training/base.py) runs.
 
 The step is `ms.value_and_grad` + optional `mindspore.amp.DynamicLossScaler` + global-norm
 clipping + MindFormers AdamW, each inside `@ms.jit`: `nn.TrainOneStepWithLossScaleCell` does not
