@@ -22,6 +22,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from finetune import files, rundir
 from finetune.config.checks import resolve
 from finetune.config.schema import STAGES as STAGE_ORDER
 from finetune.config.schema import register
@@ -64,10 +65,7 @@ assert tuple(STAGES) == STAGE_ORDER
 def write_json(path: Path, data: dict) -> None:
     """Valid JSON whatever the figures: a NaN or infinite number (e.g. tokens/s of a run too short
     to time) is written as null, which JSON has, not as NaN, which it has not."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite_or_null(data), indent=1, ensure_ascii=False, default=str, allow_nan=False),
-                   encoding="utf-8")
-    tmp.replace(path)
+    files.write_json(path, _finite_or_null(data), ensure_ascii=False, default=str, allow_nan=False)
 
 
 def given_keys() -> frozenset[str]:
@@ -119,7 +117,7 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
             return launch(cfg, run_dir)   # msrun workers re-enter run(); rank 0 tracks and writes the summary
         except LaunchError as e:
             if cfg.parallel.node_rank == 0:
-                mark_failed(run_dir / "summary.json", e)
+                mark_failed(run_dir / rundir.SUMMARY, e)
             raise
     worker_rank = init_worker(cfg.hardware, cfg.seed) if is_worker() else 0
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +127,7 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         return {}
     output_root = Path(cfg.output_root).resolve()
     uri = resolve_uri(cfg.tracking, output_root)   # an http(s) server must answer first
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / rundir.SUMMARY
     tracker = Tracker(uri, cfg.tracking.experiment, cfg.tracking.run_name or run_dir.name,
                       artifact_root=output_root / "mlartifacts" if not cfg.tracking.uri else None,
                       tags={"dataset": cfg.dataset.name, "model": cfg.model.name,
@@ -152,7 +150,7 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
         if cfg.tracking.system_metrics and "train" in cfg.stages:
             monitor = start_system_metrics(tracker, cfg.tracking.system_metrics_interval)
         tracker.log_params(flatten(OmegaConf.to_container(cfg)))
-        (run_dir / "config_resolved.yaml").write_text(redact(OmegaConf.to_yaml(cfg)))
+        (run_dir / rundir.RESOLVED_CONFIG).write_text(redact(OmegaConf.to_yaml(cfg)))
         t0 = time.time()
         tok, prepared, base, how = artifacts(cfg, tracker, run_dir, verbose)
         summary["setup_peak_rss_gb"] = peak_rss_gb()   # tokenizer, prepared data, base weights
@@ -202,10 +200,10 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
                 log.warning("tracking.register_model=%s: not registered (%s)", cfg.tracking.register_model,
                             redact(e))
         tracker.log_artifact(summary_path)
-        tracker.log_artifact(run_dir / "config_resolved.yaml")
+        tracker.log_artifact(run_dir / rundir.RESOLVED_CONFIG)
         tracker.log_artifact(run_dir / ".hydra", "hydra")
         if "evaluate" in summary["stages"]:
-            tracker.log_artifact(run_dir / "eval_predictions.jsonl")
+            tracker.log_artifact(run_dir / rundir.EVAL_PREDICTIONS)
         pending = tracker.end(status, run_dir)
         if pending is not None:   # the store was away at the end: say where the rest of the run is
             summary["tracking_pending"] = str(pending)
@@ -354,7 +352,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             raise
         log.exception("job %s failed (its MLflow run is FAILED); the sweep goes on", run_dir.name)
         return None
-    log.info("summary: %s", run_dir / "summary.json")
+    log.info("summary: %s", run_dir / rundir.SUMMARY)
     if not multirun:   # nothing to optimize: no sweeper warnings on a single run
         return None
     return objective_value(summary, cfg.sweep)

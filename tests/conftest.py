@@ -11,6 +11,9 @@
 - `run_finetune` / `start_finetune`: the `finetune` command as a subprocess in its own process
   group, killed with everything it started (msrun workers) if the test fails or times out.
 """
+import finetune  # noqa: F401  (first: it selects the protobuf backend MindSpore needs, before MLflow or Hydra load protobuf)
+
+# isort: split
 import os
 from pathlib import Path
 

@@ -123,8 +123,8 @@ def tiny(ms_cpu, tmp_path_factory, new_store):
 FRESH_SCRIPT = """
 import sys, numpy as np, finetune, mindspore as ms
 from omegaconf import OmegaConf
-from finetune.model import build_model, load_checkpoint, setup_context
-from finetune.tokenizer import load_tokenizer
+from finetune.model.llama import build_model, load_checkpoint, setup_context
+from finetune.data.tokenizer import load_tokenizer
 cfg = OmegaConf.load(sys.argv[1])
 setup_context(cfg.hardware, 0)
 net = build_model(cfg.model, cfg.hardware, load_tokenizer("tiktoken", None), 2, seed=123)

@@ -196,7 +196,7 @@ def test_k_shot_prompts_use_same_subject_dev_examples(setup):
 
 _DROPOUT_SCRIPT = """
 import finetune, mindspore as ms, numpy as np
-from finetune.lora import seeded_dropout_cell
+from finetune.model.lora import seeded_dropout_cell
 ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
 d = seeded_dropout_cell(0.25, 0, 1)
 d.set_train(True)

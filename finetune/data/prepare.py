@@ -22,7 +22,7 @@ from finetune.data import demo, prompts
 from finetune.data.cmmlu import read_cmmlu
 from finetune.data.mindrecord import encode_example, write_shards
 from finetune.data.mmlu import read_mmlu
-from finetune.data.prepared import CORPUS_FILE, META, SQUAD_FILE, TRAIN_RECORDS
+from finetune.data.prepared import CORPUS_FILE, GENERAL, META, SQUAD_FILE, TRAIN_RECORDS, alpaca_file, questions_file
 from finetune.data.records import DataError, Question, read_bytes
 from finetune.data.tokenizer import tokenizer_fingerprint
 
@@ -176,10 +176,10 @@ def prepare(cfg, tok) -> Path:
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        (tmp / "questions").mkdir(parents=True)
+        questions_file(tmp, "train").parent.mkdir(parents=True)
         for name, qs in chosen.items():
-            prompts.write_alpaca_json([prompts.to_alpaca(q, ds.style) for q in qs], tmp / "alpaca" / f"{name}.json")
-            (tmp / "questions" / f"{name}.json").write_text(
+            prompts.write_alpaca_json([prompts.to_alpaca(q, ds.style) for q in qs], alpaca_file(tmp, name))
+            questions_file(tmp, name).write_text(
                 json.dumps([dataclasses.asdict(q) for q in qs], ensure_ascii=False, indent=0), encoding="utf-8")
 
         examples, too_long = _encode([(prompts.build_prompt(q, ds.style), prompts.target(q, ds.style))
@@ -192,7 +192,7 @@ def prepare(cfg, tok) -> Path:
                         too_long, len(chosen["train"]), cfg.model.seq_length)
         general_long = 0
         if general:   # mixed into the same shuffled MindRecord: every batch rehearses a little of it
-            prompts.write_alpaca_json(general, tmp / "alpaca" / "general.json")
+            prompts.write_alpaca_json(general, alpaca_file(tmp, GENERAL))
             general_examples, general_long = _encode([(prompts.alpaca_prompt(r), r["output"]) for r in general],
                                                      tok, cfg.model.seq_length)
             examples += general_examples

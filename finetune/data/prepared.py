@@ -18,6 +18,16 @@ META = "meta.json"
 SQUAD_FILE = "squad.json"
 CORPUS_FILE = "corpus.json"
 TRAIN_RECORDS = Path("mindrecord") / "train.mindrecord"
+GENERAL = "general"   # alpaca/general.json
+
+
+def questions_file(prepared: Path, split: str) -> Path:
+    return Path(prepared) / "questions" / f"{split}.json"
+
+
+def alpaca_file(prepared: Path, split: str) -> Path:
+    """alpaca/<split>.json; split "general" is the rehearsal records."""
+    return Path(prepared) / "alpaca" / f"{split}.json"
 
 
 def load_meta(prepared: Path) -> dict:
@@ -25,7 +35,7 @@ def load_meta(prepared: Path) -> dict:
 
 
 def load_questions(prepared: Path, name: str) -> list[Question]:
-    rows = json.loads((Path(prepared) / "questions" / f"{name}.json").read_text(encoding="utf-8"))
+    rows = json.loads(questions_file(prepared, name).read_text(encoding="utf-8"))
     return [Question(**{**r, "choices": tuple(r["choices"])}) for r in rows]
 
 

@@ -3,11 +3,11 @@ except write_alpaca_json."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from finetune.data.records import LETTERS, DataError, Question
+from finetune.files import write_json
 
 STYLES = ("mmlu", "cmmlu", "contest")
 
@@ -134,16 +134,4 @@ def alpaca_prompt(rec: dict) -> str:
 
 def write_alpaca_json(records: list[dict], path: str | Path) -> None:
     """Write UTF-8 JSON atomically: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # same dir, so os.replace is a rename, not a copy
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(records, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_json(path, records, ensure_ascii=False)

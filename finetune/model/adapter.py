@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune import rundir
 from finetune.errors import ModelError
 from finetune.model.checkpoint import read_checkpoint, save_checkpoint
 
-ADAPTER_FILE = "adapter.ckpt"          # what the train stage writes into the run dir
-MERGED_FILE = "merged.ckpt"            # what the merge stage writes into the run dir
 ADAPTER_TAG = "mindpet_delta_lora"     # mindformers.pet's LoRA parameters: <layer>.mindpet_delta_lora_{a,b}
 LORA_A, LORA_B = f".{ADAPTER_TAG}_a", f".{ADAPTER_TAG}_b"
 
@@ -35,7 +34,7 @@ MERGED_KEY_HF = "lora_merged"          # the same marker in an exported Hugging 
 
 def adapter_path(cfg, run_dir) -> Path:
     """eval.adapter if set, else the adapter the train stage writes into the run dir."""
-    return Path(cfg.eval.adapter) if cfg.eval.adapter else Path(run_dir) / ADAPTER_FILE
+    return Path(cfg.eval.adapter) if cfg.eval.adapter else Path(run_dir) / rundir.ADAPTER
 
 
 def text_tensor(text: str):

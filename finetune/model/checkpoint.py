@@ -2,12 +2,12 @@
 (atomic: a temp file in the same folder, then rename)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from finetune.errors import ModelError
+from finetune.files import atomic_path
 
 
 def read_checkpoint(path: str | Path, what: str, names=None) -> dict[str, np.ndarray]:
@@ -34,7 +34,6 @@ def save_checkpoint(params: list, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix != ".ckpt":
         raise ModelError(f"checkpoint file names must end in .ckpt (MindSpore appends it otherwise): {path}")
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.ckpt")  # per process: msrun workers may race
-    ms.save_checkpoint([{"name": name, "data": ms.Tensor(p) if isinstance(p, np.ndarray) else p}
-                        for name, p in params], str(tmp))
-    tmp.replace(path)
+    with atomic_path(path, ".ckpt") as tmp:
+        ms.save_checkpoint([{"name": name, "data": ms.Tensor(p) if isinstance(p, np.ndarray) else p}
+                            for name, p in params], str(tmp))

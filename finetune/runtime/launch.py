@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from finetune import rundir
 from finetune.errors import ConfigError, LaunchError
 
 WORKER_ENV = "FINETUNE_WORKER"
@@ -125,7 +126,7 @@ def launch(cfg, run_dir: Path) -> dict:
         sys.stderr.write(line)
         msrun_lines.append(line)
     proc.wait()
-    summary_file = run_dir / "summary.json"
+    summary_file = run_dir / rundir.SUMMARY
     if proc.returncode != 0:
         raise LaunchError(f"msrun exited with {proc.returncode}; {worker_failure(run_dir / 'msrun', msrun_lines)}")
     if cfg.parallel.node_rank != 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 
+from finetune import rundir
 from finetune.data.prepared import dataset_squad, load_questions
 from finetune.data.squad import first_per_paragraph, load_squad, squad_prompt_ids
 from finetune.errors import DataError, ModelError
@@ -82,7 +83,7 @@ def evaluate(ctx) -> dict:
 
     def squad(net, tag: str) -> dict:
         preds = squad_predictions(net, squad_records, squad_ids, tok, cfg.eval.squad, cfg.model.seq_length)
-        (run_dir / f"squad_predictions{tag}.json").write_text(json.dumps(preds, ensure_ascii=False, indent=0))
+        (run_dir / rundir.squad_predictions(tag)).write_text(json.dumps(preds, ensure_ascii=False, indent=0))
         return score_squad(squad_records, preds, scfg, tag)
 
     adapter = adapter_path(cfg, run_dir)   # eval.adapter, if set, was checked to exist at start-up
@@ -141,7 +142,7 @@ def evaluate(ctx) -> dict:
     if squad_records:
         result["squad_metric"] = str(scfg.metric)
     result["squad_set"] = str(squad_path) if squad_path else None
-    with open(run_dir / "eval_predictions.jsonl", "w", encoding="utf-8") as f:
+    with open(run_dir / rundir.EVAL_PREDICTIONS, "w", encoding="utf-8") as f:
         for i, q in enumerate(questions):
             row = {"id": q.id, "subject": q.subject, "answer": q.answer}
             if tuned is not None:
@@ -184,7 +185,7 @@ def squad_keys(scores: dict, tag: str) -> dict:
 def score_checkpoints(net, run_dir, tracker, score_mc, squad, base_squad, threshold: float) -> dict:
     """mc_accuracy (and SQuAD retention when measured) of every checkpoint in run_dir/checkpoints;
     the best by checkpoints.select_best. Each is logged to MLflow at its step."""
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / rundir.CHECKPOINTS
     entries = read_index(ckpt_dir)
     if not entries:
         raise ModelError(f"eval.checkpoints: no checkpoints in {ckpt_dir} (train with train.save.num_checkpoints > 0)")

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune import rundir
 from finetune.config.hf_config import is_hf_dir
 from finetune.errors import ModelError
 from finetune.model.adapter import (
-    MERGED_FILE,
     MERGED_KEY_HF,
     MERGED_META,
     adapter_path,
@@ -172,7 +172,7 @@ def export_weights(ctx) -> tuple[dict[str, np.ndarray], str, str | None]:
     """(MindFormers parameters, where they came from, merge marker or None) for the export. The
     marker goes into config.json, so that a later merge into the exported model is refused too."""
     cfg, run_dir = ctx.cfg, Path(ctx.run_dir)
-    merged = run_dir / MERGED_FILE
+    merged = run_dir / rundir.MERGED
     if merged.is_file():
         tensors = read_checkpoint(merged, "export")
         return {k: v for k, v in tensors.items() if k not in MERGED_META}, str(merged), merged_marker(merged)
@@ -191,7 +191,7 @@ def export_weights(ctx) -> tuple[dict[str, np.ndarray], str, str | None]:
 def export(ctx) -> dict:
     """Write export.output (default run_dir/hf) as a Hugging Face Llama folder."""
     cfg, run_dir = ctx.cfg, Path(ctx.run_dir)
-    out = Path(cfg.export.output) if cfg.export.output else run_dir / "hf"
+    out = Path(cfg.export.output) if cfg.export.output else run_dir / rundir.EXPORT
     params, source, marker = export_weights(ctx)
     tensors = to_hf(params, cfg.model)
     config = hf_config(cfg.model, tensors, ctx.tok)

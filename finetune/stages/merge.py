@@ -7,9 +7,9 @@ import logging
 import re
 from pathlib import Path
 
+from finetune import rundir
 from finetune.errors import ModelError
 from finetune.model.adapter import (
-    MERGED_FILE,
     adapter_path,
     base_tensors,
     merge_lora,
@@ -30,13 +30,13 @@ def merge(ctx) -> dict:
         raise ModelError(f"merge: adapter checkpoint {adapter} not found (run the train stage first, "
                          f"or point eval.adapter at one)")
     refuse_merged_base(cfg.model.checkpoint)
-    jobs = [(adapter, run_dir / MERGED_FILE)]
+    jobs = [(adapter, run_dir / rundir.MERGED)]
     if cfg.merge.all:
-        # adapter-step<N>.ckpt only: not a temp file (adapter-step<N>.tmp<pid>.ckpt) left by a crashed save
-        steps = sorted(p for p in (run_dir / "checkpoints").glob("adapter-step*.ckpt")
+        # adapter-step<N>.ckpt only: not a temp file (.adapter-step<N>.tmp<pid>.ckpt) left by a crashed save
+        steps = sorted(p for p in (run_dir / rundir.CHECKPOINTS).glob("adapter-step*.ckpt")
                        if re.fullmatch(r"adapter-step\d+\.ckpt", p.name))
         if not steps:
-            log.warning("merge.all: no adapter-step*.ckpt in %s; merging the final adapter only", run_dir / "checkpoints")
+            log.warning("merge.all: no adapter-step*.ckpt in %s; merging the final adapter only", run_dir / rundir.CHECKPOINTS)
         jobs += [(p, p.with_name("merged-" + p.name[len("adapter-"):])) for p in steps]
     # Read every adapter first: a bad file fails before the (large) base is loaded.
     adapters = [read_adapter(src, "merge") for src, _ in jobs]
@@ -46,12 +46,12 @@ def merge(ctx) -> dict:
         scaling = meta["alpha"] / meta["rank"]
         save_merged(merge_lora(base, tensors, scaling), dst, src, scaling)
         log.info("merged %s (rank %d, alpha %g: scaling %g) -> %s", src, meta["rank"], meta["alpha"], scaling, dst)
-        tags["merged" if dst.name == MERGED_FILE else f"merged.{dst.stem.removeprefix('merged-')}"] = str(dst)
+        tags["merged" if dst.name == rundir.MERGED else f"merged.{dst.stem.removeprefix('merged-')}"] = str(dst)
     scaling = adapters[0][1]["alpha"] / adapters[0][1]["rank"]   # the run's final adapter
     # Full checkpoints are large (14 GB for InternLM-7B): their paths are tagged, not uploaded.
     ctx.tracker.set_tags({**tags, "lora_scaling": scaling})
-    out = {"merged": str(run_dir / MERGED_FILE), "merged_checkpoints": len(jobs) - 1, "lora_scaling": scaling}
+    out = {"merged": str(run_dir / rundir.MERGED), "merged_checkpoints": len(jobs) - 1, "lora_scaling": scaling}
     # ... but the merged model is logged as an MLflow model (tracking.log_model), which copies it
     from finetune.tracking.logged_model import log_merged_model
 
-    return {**out, **log_merged_model(ctx, run_dir / MERGED_FILE)}
+    return {**out, **log_merged_model(ctx, run_dir / rundir.MERGED)}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from finetune import rundir
 from finetune.config.schema import Config
 from finetune.errors import ConfigError
 from finetune.model.layout import NORMS, dense_layers, module_param_counts
@@ -294,7 +295,7 @@ def plan(ctx) -> dict:
               "memory_total_bytes": totals, "memory_chosen": chosen,
               "max_device_memory_bytes": limit, "fits": fits, "command": command, "gb_unit_bytes": GB,
               "compiled_graphs": graphs}
-    path = run_dir / "plan.json"
+    path = run_dir / rundir.PLAN
     path.write_text(redact(json.dumps(report, indent=1, default=str)), encoding="utf-8")
     print(redact(format_plan(cfg, report)))
     tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})

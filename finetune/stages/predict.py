@@ -18,11 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune import rundir
 from finetune.data.inputs import is_multiple_choice, read_predict_input
+from finetune.data.prepared import alpaca_file
 from finetune.data.records import LETTERS
 from finetune.evaluation.scoring import choose, generated_choices, letter_logits, letter_token_ids, probabilities_row
 from finetune.evaluation.squad import answer_text
-from finetune.model.adapter import MERGED_FILE, adapter_path
+from finetune.files import write_text
+from finetune.model.adapter import adapter_path
 from finetune.model.generate import greedy_generate
 from finetune.model.llama import load_model
 from finetune.model.lora import with_adapter
@@ -39,7 +42,7 @@ def predict(ctx) -> dict:
     p = cfg.predict
     style = cfg.dataset.style
     # No input given: the prepared eval split (Alpaca JSON), i.e. predict on the dataset's test set.
-    source = p.input or ctx.prepared / "alpaca" / "eval.json"
+    source = p.input or alpaca_file(ctx.prepared, "eval")
     records = read_predict_input(source, cfg.dataset.name, style, cfg.dataset.encoding)
     seq = cfg.model.seq_length
     # multiple choice by generation (the contest's style, or eval.mc.method=generate) or by letter logits
@@ -61,7 +64,7 @@ def predict(ctx) -> dict:
     mc = [i for i, m in enumerate(is_mc) if m]
     free = [i for i, m in enumerate(is_mc) if not m]
 
-    merged = run_dir / MERGED_FILE
+    merged = run_dir / rundir.MERGED
     adapter = adapter_path(cfg, run_dir)
     if merged.is_file() and not cfg.eval.adapter:   # the seed's flow: predict with the merged model
         net = load_model(cfg.model, cfg.hardware, tok, p.batch_size, merged, what="merged model")
@@ -94,11 +97,8 @@ def predict(ctx) -> dict:
             results[i]["prediction"] = answer_text(o, tok)
     seconds = time.perf_counter() - t0
 
-    output = Path(p.output) if p.output else run_dir / "predictions.jsonl"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
-    tmp.replace(output)
+    output = Path(p.output) if p.output else run_dir / rundir.PREDICTIONS
+    write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
     out = {"predict_output": str(output), "predict_input": str(source), "predict_model": model_used,
            "predict_records": len(records), "predict_multiple_choice": len(mc), "predict_truncated": truncated,
            "predict_examples_per_s": len(records) / seconds if seconds else float("nan")}
@@ -108,7 +108,7 @@ def predict(ctx) -> dict:
         chosen = set(mc)   # -1: free text, or a generated answer that states no letter
         indices = np.array([LETTERS.index(r["prediction"]) if i in chosen and r.get("prediction") in LETTERS else -1
                             for i, r in enumerate(results)], dtype=np.int64)
-        np.save(output.with_name("results.npy"), indices)
-        out["predict_results_npy"] = str(output.with_name("results.npy"))
+        np.save(output.with_name(rundir.RESULTS), indices)
+        out["predict_results_npy"] = str(output.with_name(rundir.RESULTS))
     log.info("predict: %d records -> %s (%.1f examples/s)", len(records), output, out["predict_examples_per_s"])
     return out

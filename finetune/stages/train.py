@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
+from finetune import rundir
 from finetune.data.mindrecord import read_all_shards, read_shards
 from finetune.data.packing import pack, pad_fraction, rows_per_step
-from finetune.model.adapter import ADAPTER_FILE, load_adapter, save_adapter
+from finetune.data.prepared import TRAIN_RECORDS
+from finetune.model.adapter import load_adapter, save_adapter
 from finetune.model.checkpoint import save_checkpoint
 from finetune.model.llama import count_params, param_summary
 from finetune.model.lora import apply_lora
@@ -20,6 +21,7 @@ from finetune.training.checkpoints import (
     write_run_record,
 )
 from finetune.training.loop import Schedule, packed_feed, row_feed, run_steps, total_steps
+from finetune.training.train_log import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ def train(ctx) -> dict:
     evenly spaced checkpoints (run_dir/checkpoints/) that merge and resume read."""
     cfg, run_dir, r = ctx.cfg, ctx.run_dir, ctx.rank
     dp = cfg.parallel.data_parallel
-    records = ctx.prepared / "mindrecord" / "train.mindrecord"
+    records = ctx.prepared / TRAIN_RECORDS
     batch = cfg.train.batch_size
     if cfg.train.packing:   # every rank packs every example the same way and takes its rows
         ids, labels = read_all_shards(records, dp)
@@ -49,7 +51,7 @@ def train(ctx) -> dict:
     log.info("trainable %s of %s base parameters (%.4f%%)", f"{counts['trainable']:,}", f"{counts['base']:,}",
              100 * counts["trainable"] / counts["base"])
 
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / rundir.CHECKPOINTS
     resume_state = None
     settings = training_settings(cfg, ctx.prepared)
     if cfg.train.resume:
@@ -62,7 +64,7 @@ def train(ctx) -> dict:
         # are sent from train_log.csv, so the curve has every step once.
         logged = ctx.tracker.continue_steps("train_loss")
         if r == 0 and logged < entry["step"]:
-            for row in _log_rows(run_dir / "train_log.csv", logged + 1, entry["step"]):
+            for row in read_rows(run_dir / rundir.TRAIN_LOG, logged + 1, entry["step"]):
                 ctx.tracker.log_metrics({f"train_{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]))
             ctx.tracker.flush()
     elif r == 0:
@@ -83,9 +85,9 @@ def train(ctx) -> dict:
         save_checkpoint(state, files["state"])
         add_to_index(ckpt_dir, step, files)
         ctx.tracker.log_metrics({"checkpoint_step": step}, step=step)
-        ctx.tracker.log_artifact(files["adapter"], "checkpoints")
+        ctx.tracker.log_artifact(files["adapter"], rundir.CHECKPOINTS)
 
-    during, best_file = None, run_dir / "adapter-best.ckpt"
+    during, best_file = None, run_dir / rundir.BEST_ADAPTER
     if cfg.eval.every_n_steps:
         from finetune.training.during import DuringTraining
 
@@ -104,17 +106,17 @@ def train(ctx) -> dict:
 
     stats = run_steps(net, feed, schedule, opt_cfg=cfg.optimizer, hw=cfg.hardware, tracker=ctx.tracker,
                       prefix="train_", desc="LoRA train", world=dp,
-                      log_file=run_dir / "train_log.csv" if r == 0 else None, save_at=save_at, on_save=on_save,
+                      log_file=run_dir / rundir.TRAIN_LOG if r == 0 else None, save_at=save_at, on_save=on_save,
                       resume_state=resume_state, on_step=on_step)
     if r == 0:
-        save_adapter(net, run_dir / ADAPTER_FILE)
+        save_adapter(net, run_dir / rundir.ADAPTER)
         if during is not None and during.best_step is not None:   # early stopping: the best one is kept
-            best_file.replace(run_dir / ADAPTER_FILE)
+            best_file.replace(run_dir / rundir.ADAPTER)
     during_figures = {} if during is None else {
         "during_seconds": round(during.seconds, 1), "during_evaluations": during.evaluations,
         **({"early_stopping_best_step": during.best_step, "early_stopping_best": during.best,
             "early_stopped": stats["steps"] < total} if during.metric else {})}
-    losses = _logged_losses(run_dir / "train_log.csv") if r == 0 else stats["losses"]
+    losses = logged_losses(run_dir / rundir.TRAIN_LOG) if r == 0 else stats["losses"]
     return {
         "train_loss_first": losses[0] if losses else stats["loss_first"],
         "train_loss_last": stats["loss_last"],
@@ -130,24 +132,12 @@ def train(ctx) -> dict:
         "train_overflow_steps": stats["overflow_steps"],
         "train_examples": int(len(ids)) * (1 if cfg.train.packing else dp),
         "train_global_batch": cfg.train.batch_size * schedule.accumulation * dp,   # examples (on average, packed)
-        "checkpoints": len(save_at),
-        "adapter": str(run_dir / ADAPTER_FILE),
+        rundir.CHECKPOINTS: len(save_at),
+        "adapter": str(run_dir / rundir.ADAPTER),
         **during_figures,
         **param_summary(counts),
     }
 
 
-def _log_rows(log_file: Path, first: int, last: float) -> list[dict]:
-    """train_log.csv rows of steps first..last, as {column: number}."""
-    if not log_file.is_file():
-        return []
-    lines = log_file.read_text().splitlines()
-    if not lines:
-        return []
-    header = lines[0].split(",")
-    rows = [dict(zip(header, map(float, line.split(",")))) for line in lines[1:] if line]
-    return [r for r in rows if first <= r["step"] <= last]
-
-
-def _logged_losses(log_file: Path) -> list[float]:
-    return [r["loss"] for r in _log_rows(log_file, 1, math.inf)]
+def logged_losses(log_file: Path) -> list[float]:
+    return [r["loss"] for r in read_rows(log_file)]

@@ -15,7 +15,7 @@ import json
 import warnings
 from pathlib import Path
 
-from finetune.data.prepared import dataset_squad
+from finetune.data.prepared import dataset_squad, questions_file
 
 CONTEXT_TAG = "mlflow.data.context"   # MLflow's own tag for a dataset input's role
 
@@ -23,7 +23,7 @@ CONTEXT_TAG = "mlflow.data.context"   # MLflow's own tag for a dataset input's r
 def _questions_frame(prepared: Path, split: str):
     import pandas as pd
 
-    rows = json.loads((Path(prepared) / "questions" / f"{split}.json").read_text(encoding="utf-8"))
+    rows = json.loads(questions_file(prepared, split).read_text(encoding="utf-8"))
     return pd.DataFrame([{"id": r["id"], "subject": r["subject"], "question": r["question"],
                           **dict(zip("ABCD", r["choices"])), "answer": r["answer"]} for r in rows],
                         columns=["id", "subject", "question", "A", "B", "C", "D", "answer"])

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from finetune.files import write_json
+
 log = logging.getLogger(__name__)
 
-PENDING_FILE = "mlflow_pending.json"
 
 
 def write_pending(path: Path, uri: str, run_id: str, pending: list[tuple]) -> None:
     """The calls a run could not make, in order, as JSON (metric points as key/value/timestamp/step)."""
-    import json
 
     calls = []
     for kind, payload in pending:
@@ -21,9 +21,7 @@ def write_pending(path: Path, uri: str, run_id: str, pending: list[tuple]) -> No
         elif kind == "inputs":
             payload = [d.to_dictionary() for d in payload]
         calls.append([kind, payload])
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"uri": uri, "run_id": run_id, "calls": calls}, indent=0))
-    tmp.replace(path)
+    write_json(path, {"uri": uri, "run_id": run_id, "calls": calls}, indent=0)
 
 
 def read_pending(path: Path) -> tuple[str, str, list[tuple]]:

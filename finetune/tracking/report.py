@@ -11,6 +11,9 @@ import json
 import logging
 from pathlib import Path
 
+from finetune import rundir
+from finetune.training.train_log import read_rows
+
 log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = "report"   # where the report's files go in the MLflow run
@@ -81,13 +84,8 @@ def plot_accuracy(rows: list[dict], path: Path) -> Path:
 
 def read_train_log(path: Path) -> dict[str, list[float]]:
     """train_log.csv (step,loss,lr,...) -> {column: values}; {} when absent or without rows."""
-    if not path.is_file():
-        return {}
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return {}
-    return {k: [float(r[k]) for r in rows] for k in ("step", "loss", "lr") if k in rows[0]}
+    rows = read_rows(path)
+    return {k: [r[k] for r in rows] for k in ("step", "loss", "lr") if k in rows[0]} if rows else {}
 
 
 def plot_curves(curves: dict[str, list[float]], path: Path) -> Path:
@@ -153,7 +151,7 @@ def _overrides(run_dir: Path) -> list[str]:
 
 
 def _config_lines(run_dir: Path) -> list[str]:
-    path = run_dir / "config_resolved.yaml"
+    path = run_dir / rundir.RESOLVED_CONFIG
     if not path.is_file():
         return ["- (config_resolved.yaml not written: the run stopped before its config was logged)"]
     from omegaconf import OmegaConf
@@ -216,35 +214,35 @@ def write_report(run_dir: Path, summary: dict, tracker) -> list[Path]:
             skipped.append(f"{what} ({type(e).__name__}: {e})")
 
     try:
-        counts = subject_counts(run_dir / "eval_predictions.jsonl")
+        counts = subject_counts(run_dir / rundir.EVAL_PREDICTIONS)
     except Exception as e:       # the n column is optional
         log.warning("report: eval_predictions.jsonl unreadable: %s", e)
         counts = {}
     rows = accuracy_rows(summary, counts)
     if rows:
-        attempt("per_subject_accuracy.csv", lambda: write_accuracy_csv(rows, run_dir / "per_subject_accuracy.csv"))
-        attempt("accuracy.png", lambda: plot_accuracy(rows, run_dir / "accuracy.png"))
+        attempt(rundir.PER_SUBJECT, lambda: write_accuracy_csv(rows, run_dir / rundir.PER_SUBJECT))
+        attempt(rundir.ACCURACY_PLOT, lambda: plot_accuracy(rows, run_dir / rundir.ACCURACY_PLOT))
     else:
         skipped.append("per_subject_accuracy.csv, accuracy.png (no evaluation in this run)")
     trained = "train" in summary.get("stages", ["train"])   # an earlier run's train_log.csv is not this run's
     try:
-        curves = read_train_log(run_dir / "train_log.csv") if trained else {}
+        curves = read_train_log(run_dir / rundir.TRAIN_LOG) if trained else {}
     except Exception as e:
         curves = None
         skipped.append(f"curves.png (train_log.csv unreadable: {type(e).__name__}: {e})")
     if curves is None:
         pass
     elif curves.get("step") and "loss" in curves:
-        attempt("curves.png", lambda: plot_curves(curves, run_dir / "curves.png"))
+        attempt(rundir.CURVES_PLOT, lambda: plot_curves(curves, run_dir / rundir.CURVES_PLOT))
     else:
         skipped.append("curves.png (no train_log.csv: no training in this run)")
 
     def markdown() -> Path:
-        path = run_dir / "report.md"
+        path = run_dir / rundir.REPORT
         path.write_text(report_markdown(run_dir, summary, [p.name for p in made], skipped), encoding="utf-8")
         return path
 
-    attempt("report.md", markdown)
+    attempt(rundir.REPORT, markdown)
     try:
         for path in made:
             tracker.log_artifact(path, ARTIFACT_DIR)

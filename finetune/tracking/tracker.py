@@ -14,8 +14,9 @@ import os
 import time
 from pathlib import Path
 
+from finetune import rundir
 from finetune.runtime.redact import redact, redact_params, use_credentials
-from finetune.tracking.pending import PENDING_FILE, write_pending
+from finetune.tracking.pending import write_pending
 from finetune.tracking.store import sqlite_artifact_root, store_lock
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,7 @@ class Tracker:
             log.warning("tracking: %s did not answer; %d MLflow calls of run %s are lost (%s)", redact(self.uri),
                         len(self._pending), self.run_id, self.problem)
             return None
-        path = Path(pending_dir) / PENDING_FILE
+        path = Path(pending_dir) / rundir.PENDING
         write_pending(path, self.uri, self.run_id, self._pending)
         log.warning("tracking: %s did not answer (%s); %s holds what MLflow run %s has not received (%d metric "
                     "points, the final status %s); send it with `python -m finetune.tracking sync %s`",

@@ -16,13 +16,13 @@ import json
 import logging
 from pathlib import Path
 
+from finetune import rundir
 from finetune.errors import ModelError
-from finetune.model.adapter import ADAPTER_FILE, lora_differences, read_adapter
+from finetune.files import write_json
+from finetune.model.adapter import lora_differences, read_adapter
 
 log = logging.getLogger(__name__)
 
-INDEX = "index.json"
-RUN_RECORD = "run.json"   # the settings that shaped these checkpoints (train.training_settings)
 
 
 def save_steps(total_steps: int, num_checkpoints: int) -> list[int]:
@@ -43,7 +43,7 @@ def sha256(path: Path) -> str:
 
 
 def read_index(ckpt_dir: Path) -> list[dict]:
-    f = Path(ckpt_dir) / INDEX
+    f = Path(ckpt_dir) / rundir.CHECKPOINT_INDEX
     return json.loads(f.read_text()) if f.is_file() else []
 
 
@@ -54,9 +54,7 @@ def add_to_index(ckpt_dir: Path, step: int, files: dict[str, Path]) -> None:
     entries.append({"step": step, **{k: p.name for k, p in files.items()},
                     "sha256": {p.name: sha256(p) for p in files.values()}})
     entries.sort(key=lambda e: e["step"])
-    tmp = ckpt_dir / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(entries, indent=1))
-    tmp.replace(ckpt_dir / INDEX)
+    write_json(ckpt_dir / rundir.CHECKPOINT_INDEX, entries)
 
 
 def verify(ckpt_dir: Path, entry: dict) -> str | None:
@@ -66,7 +64,7 @@ def verify(ckpt_dir: Path, entry: dict) -> str | None:
         if not f.is_file():
             return f"{f} is missing"
         if sha256(f) != digest:
-            return f"{f} is corrupt or truncated (sha256 differs from {INDEX})"
+            return f"{f} is corrupt or truncated (sha256 differs from {rundir.CHECKPOINT_INDEX})"
     return None
 
 
@@ -83,13 +81,11 @@ def newest_valid(ckpt_dir: Path) -> dict | None:
 def write_run_record(ckpt_dir: Path, settings: dict) -> None:
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_dir / (RUN_RECORD + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
-    tmp.replace(ckpt_dir / RUN_RECORD)
+    write_json(ckpt_dir / rundir.RUN_RECORD, settings, sort_keys=True)
 
 
 def read_run_record(ckpt_dir: Path) -> dict | None:
-    f = Path(ckpt_dir) / RUN_RECORD
+    f = Path(ckpt_dir) / rundir.RUN_RECORD
     return json.loads(f.read_text()) if f.is_file() else None
 
 
@@ -118,7 +114,7 @@ def check_fresh_run_dir(cfg, run_dir: Path, clear: bool = False) -> None:
     refused, unless train.overwrite=true (then, with clear=True, that run's training files go)."""
     import shutil
 
-    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir = Path(run_dir) / rundir.CHECKPOINTS
     steps = [e["step"] for e in read_index(ckpt_dir)]
     if not steps:
         return
@@ -130,7 +126,7 @@ def check_fresh_run_dir(cfg, run_dir: Path, clear: bool = False) -> None:
         log.warning("train.overwrite=true: deleting the earlier run's checkpoints (steps %s), adapter and train log "
                     "in %s", ", ".join(map(str, steps)), run_dir)
         shutil.rmtree(ckpt_dir)
-        for name in (ADAPTER_FILE, "train_log.csv"):
+        for name in (rundir.ADAPTER, rundir.TRAIN_LOG):
             (Path(run_dir) / name).unlink(missing_ok=True)
 
 
@@ -138,7 +134,7 @@ def resume_point(cfg, run_dir: Path, settings: dict | None = None) -> dict:
     """train.resume=true: the newest checkpoint in run_dir/checkpoints whose files verify, which must
     have been trained with the same settings (training_settings; checked at start-up without the data,
     and again by the stage with it)."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir = Path(run_dir) / rundir.CHECKPOINTS
     entry = newest_valid(ckpt_dir)
     if entry is None:
         raise ModelError(f"train.resume: no usable checkpoint in {ckpt_dir} (point hydra.run.dir at the "

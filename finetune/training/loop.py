@@ -22,6 +22,7 @@ from finetune.data.records import IGNORE_ID
 from finetune.errors import ModelError, TrainingDiverged
 from finetune.model.checkpoint import read_checkpoint
 from finetune.model.forward import answer_loss_cell, batch_inputs, labelled_per_row, packed_loss_cell
+from finetune.training.train_log import format_row, open_log
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +209,6 @@ def total_steps(rows: int, rows_per_step: int, epochs: int, max_steps: int | Non
     return total if max_steps is None else min(total, max_steps)
 
 
-LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "loss_scale")
-
-
 def run_steps(net, feed: Feed, schedule: Schedule, *, opt_cfg, hw, tracker, prefix: str, desc: str, world: int = 1,
               log_file: Path | None = None, save_at=(), on_save=None, resume_state: tuple[int, Path] | None = None,
               on_step=None) -> dict:
@@ -247,7 +245,7 @@ def run_steps(net, feed: Feed, schedule: Schedule, *, opt_cfg, hw, tracker, pref
     def current_scale() -> float:
         return float(scaler.scale_value.asnumpy()) if scaler is not None else 1.0
 
-    log_rows = _open_log(log_file, start)
+    log_rows = open_log(log_file, start)
     losses, tokens_done, timed_tokens, timed_seconds, skipped, processed, shapes = [], 0, 0, 0.0, 0, 0, set()
     all_seconds = 0.0   # every step, compiles included
     nonfinite_run = 0   # non-finite steps in a row
@@ -296,7 +294,7 @@ def run_steps(net, feed: Feed, schedule: Schedule, *, opt_cfg, hw, tracker, pref
         tracker.log_metrics({**{f"{prefix}{key}": v for key, v in row.items() if key != "step"},
                              f"{prefix}nonfinite_steps": skipped}, step=step)
         if log_rows:
-            log_rows.write(",".join(f"{row[c]:.8g}" if c != "step" else str(step) for c in LOG_COLUMNS) + "\n")
+            log_rows.write(format_row({**row, "step": step}))
             log_rows.flush()
         if nonfinite_run >= limit:
             bar.close()
@@ -327,17 +325,6 @@ def run_steps(net, feed: Feed, schedule: Schedule, *, opt_cfg, hw, tracker, pref
             "pad_fraction": 1 - tokens_done / processed if processed else float("nan"), "shapes": len(shapes)}
 
 
-def _open_log(log_file: Path | None, start: int):
-    """train_log.csv, one row per optimizer step; on resume, rows after the resumed step (written
-    after the checkpoint by the interrupted run) are dropped so each step appears once."""
-    if log_file is None:
-        return None
-    kept = []
-    if start > 0 and log_file.is_file():
-        kept = [line for line in log_file.read_text().splitlines()[1:] if int(line.split(",")[0]) <= start]
-    f = open(log_file, "w")
-    f.write(",".join(LOG_COLUMNS) + "\n" + "".join(line + "\n" for line in kept))
-    return f
 
 
 
