@@ -58,12 +58,12 @@ def rows(args: dict) -> dict:
     offsets[s+1] - 1), the tool's processed rows x length per step (`row_length`: seq_length
     packed, the batch's length bucket unpacked), and which steps compile a graph (a shape not seen
     before: left out of the tool's tokens/s, and out of PEFT's too)."""
+    from finetune.data.batches import bucket, labelled_per_row, row_lengths
     from finetune.data.mindrecord import read_all_shards
     from finetune.data.packing import pack, rows_per_step
     from finetune.data.prepare import prepare
     from finetune.data.prepared import TRAIN_RECORDS
     from finetune.data.tokenizer import load_tokenizer
-    from finetune.model.forward import bucket, labelled_per_row, row_lengths
     from finetune.training.loop import batch_order
 
     cfg = config(args["overrides"])

@@ -9,12 +9,8 @@ writes files in the run directory; they share nothing but the RunContext.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,7 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import files, rundir
+from finetune import rundir
 from finetune.config.checks import resolve
 from finetune.config.schema import STAGES as STAGE_ORDER
 from finetune.config.schema import register
@@ -32,11 +28,14 @@ from finetune.data.tokenizer import load_tokenizer
 from finetune.errors import LaunchError, UserError
 from finetune.model.adapter import check_run_adapter
 from finetune.model.llama import release_graphs, setup_context
+from finetune.runtime import signals
 from finetune.runtime.context import RunContext
 from finetune.runtime.launch import init_worker, is_worker, launch, rank, world_size
 from finetune.runtime.logs import quiet_libraries
 from finetune.runtime.memory import peak_rss_gb
 from finetune.runtime.redact import redact, redact_files, redact_logging, use_credentials
+from finetune.runtime.signals import sigterm_as_interrupt
+from finetune.runtime.summary import earlier_runs, training_run_id, write_summary
 from finetune.stages.evaluate import evaluate
 from finetune.stages.export import export
 from finetune.stages.merge import merge
@@ -45,7 +44,7 @@ from finetune.stages.predict import predict
 from finetune.stages.prepare import prepare_stage
 from finetune.stages.train import train
 from finetune.tracking.lineage import dataset_inputs, to_mlflow
-from finetune.tracking.report import write_report
+from finetune.tracking.run_end import close_run, mark_failed
 from finetune.tracking.store import resolve_uri
 from finetune.tracking.system_metrics import start_system_metrics, stop_system_metrics
 from finetune.tracking.tracker import Tracker, flatten
@@ -60,12 +59,6 @@ register()
 STAGES = {"plan": plan, "prepare": prepare_stage, "train": train, "evaluate": evaluate, "merge": merge,
           "predict": predict, "export": export}
 assert tuple(STAGES) == STAGE_ORDER
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Valid JSON whatever the figures: a NaN or infinite number (e.g. tokens/s of a run too short
-    to time) is written as null, which JSON has, not as NaN, which it has not."""
-    files.write_json(path, _finite_or_null(data), ensure_ascii=False, default=str, allow_nan=False)
 
 
 def given_keys() -> frozenset[str]:
@@ -103,6 +96,9 @@ def start_up_checks(cfg, run_dir: Path, given: frozenset[str]) -> None:
 
 def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), verbose: bool = False) -> dict:
     """Run cfg.stages in order; returns this run's summary (also written to run_dir/summary.json).
+    One process plays one of three roles: the launcher of a multi-device job (re-starts itself as
+    msrun workers and waits), a worker of rank > 0 (trains its shard, records nothing), or rank 0
+    (a single-device job, or worker 0: runs every stage inside the MLflow run and records the end).
     verbose: MindFormers' own log lines on the terminal too (hydra.verbose=true)."""
     cfg = resolve(cfg)                # checked, HF config.json applied, read-only
     run_dir = Path(run_dir)
@@ -111,20 +107,36 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
     # Hydra wrote the config and command line as given: mask any secret before they are kept or logged
     redact_files(run_dir / ".hydra", run_dir.parent / "multirun.yaml")
     if world_size(cfg.parallel) > 1 and not is_worker() and list(cfg.stages) != ["plan"]:
-        start_up_checks(cfg, run_dir, given)
-        artifacts(cfg, Tracker(), run_dir, verbose)   # once, here: the workers find data and base in the cache
-        try:
-            return launch(cfg, run_dir)   # msrun workers re-enter run(); rank 0 tracks and writes the summary
-        except LaunchError as e:
-            if cfg.parallel.node_rank == 0:
-                mark_failed(run_dir / rundir.SUMMARY, e)
-            raise
+        return launcher(cfg, run_dir, given, verbose)
     worker_rank = init_worker(cfg.hardware, cfg.seed) if is_worker() else 0
     run_dir.mkdir(parents=True, exist_ok=True)
     if worker_rank != 0:
-        tok, prepared, base, _ = artifacts(cfg, Tracker(), run_dir, verbose)
-        train(RunContext(cfg, run_dir, prepared, base, tok, Tracker(), worker_rank, given))
-        return {}
+        return worker(cfg, run_dir, given, verbose, worker_rank)
+    return rank0(cfg, run_dir, given, verbose)
+
+
+def launcher(cfg, run_dir: Path, given: frozenset[str], verbose: bool) -> dict:
+    """Check and build the artifacts once, here (the workers find data and base in the cache), then
+    start msrun; rank 0 among the workers tracks the run and writes the summary."""
+    start_up_checks(cfg, run_dir, given)
+    artifacts(cfg, Tracker(), run_dir, verbose)
+    try:
+        return launch(cfg, run_dir)
+    except LaunchError as e:
+        if cfg.parallel.node_rank == 0:
+            mark_failed(run_dir / rundir.SUMMARY, e)
+        raise
+
+
+def worker(cfg, run_dir: Path, given: frozenset[str], verbose: bool, worker_rank: int) -> dict:
+    """A worker of rank > 0: its shard of training, nothing tracked (Tracker() logs nothing)."""
+    tok, prepared, base, _ = artifacts(cfg, Tracker(), run_dir, verbose)
+    train(RunContext(cfg, run_dir, prepared, base, tok, Tracker(), worker_rank, given))
+    return {}
+
+
+def rank0(cfg, run_dir: Path, given: frozenset[str], verbose: bool) -> dict:
+    """Open the MLflow run, record RUNNING, run the stages, and record the end whatever happens."""
     output_root = Path(cfg.output_root).resolve()
     uri = resolve_uri(cfg.tracking, output_root)   # an http(s) server must answer first
     summary_path = run_dir / rundir.SUMMARY
@@ -138,159 +150,58 @@ def run(cfg: DictConfig, run_dir: Path, given: frozenset[str] = frozenset(), ver
     summary = {"status": "RUNNING", "stages": list(cfg.stages), "mlflow_run_id": tracker.run_id, "mlflow_uri": uri,
                "run_dir": str(run_dir), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "runs": earlier_runs(summary_path)}
-    write_json(summary_path, summary)   # RUNNING: a run killed outright (SIGKILL) is not mistaken for an earlier one
-    status = "FAILED"
-    # SIGTERM (a scheduler's or `kill`'s stop) ends the run like Ctrl-C: status KILLED in summary.json
-    # and MLflow, instead of a run left RUNNING forever by a process that died without cleanup.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) \
-        if threading.current_thread() is threading.main_thread() else None
-    monitor = None
-    try:
-        start_up_checks(cfg, run_dir, given)
-        if cfg.tracking.system_metrics and "train" in cfg.stages:
-            monitor = start_system_metrics(tracker, cfg.tracking.system_metrics_interval)
-        tracker.log_params(flatten(OmegaConf.to_container(cfg)))
-        (run_dir / rundir.RESOLVED_CONFIG).write_text(redact(OmegaConf.to_yaml(cfg)))
-        t0 = time.time()
-        tok, prepared, base, how = artifacts(cfg, tracker, run_dir, verbose)
-        summary["setup_peak_rss_gb"] = peak_rss_gb()   # tokenizer, prepared data, base weights
-        if prepared is not None:   # what the run trains and is scored on, with content digests
-            inputs = dataset_inputs(cfg, prepared)
-            tracker.log_inputs(to_mlflow(inputs))
-            summary["datasets"] = {d["name"]: {"digest": d["digest"], "context": d["context"], "rows": len(d["frame"]),
-                                               "source": d["source"]} for d in inputs}
-        if base is not None:
-            summary.update(base_checkpoint=str(base), base_source=how)
-            tracker.set_tags({"base_checkpoint": str(base), "base_source": how})
-        ctx = RunContext(cfg, run_dir, prepared, base, tok, tracker, 0, given)
-        for name, stage in STAGES.items():
-            if name in cfg.stages:
-                if name != "plan":
-                    release_graphs()   # the graphs of what ran before (the demo's base pretraining, a stage)
-                t = time.time()
-                summary.update(stage(ctx))
-                summary[f"{name}_seconds"] = round(time.time() - t, 1)
-                summary[f"{name}_peak_rss_gb"] = peak_rss_gb()
-                tracker.flush()
-        summary["seconds"] = round(time.time() - t0, 1)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except Exception as e:
-        if _signals_received:   # the signal's exception was turned into another one (e.g. inside a C extension's import)
+    write_summary(summary_path, summary)   # RUNNING: a run killed outright (SIGKILL) is not mistaken for an earlier one
+    status, monitor = "FAILED", None
+    with sigterm_as_interrupt():
+        try:
+            start_up_checks(cfg, run_dir, given)
+            if cfg.tracking.system_metrics and "train" in cfg.stages:
+                monitor = start_system_metrics(tracker, cfg.tracking.system_metrics_interval)
+            run_stages(cfg, run_dir, given, verbose, tracker, summary)
+            status = "FINISHED"
+        except KeyboardInterrupt:
             status = "KILLED"
-            raise Interrupted(_signals_received[-1]) from None
-        tracker.set_tags({"error": redact(e)[:1000]})
-        summary["error"] = redact(e)[:1000]
-        raise
-    finally:
-        stop_system_metrics(monitor)
-        summary["status"] = status
-        write_json(summary_path, summary)
-        write_report(run_dir, summary, tracker)   # CSV/PNG/report.md artifacts; never raises
-        tracker.log_metrics(final_metrics(summary), model_id=summary.get("mlflow_model_id"))
-        if status == "FINISHED" and cfg.tracking.register_model and tracker.client:
-            try:
-                from finetune.tracking.logged_model import register as register_model
-
-                summary["registered_model_version"] = register_model(summary, cfg.tracking.register_model, uri)
-                write_json(summary_path, summary)
-            except Exception as e:   # the run itself is done: say so, keep its status
-                log.warning("tracking.register_model=%s: not registered (%s)", cfg.tracking.register_model,
-                            redact(e))
-        tracker.log_artifact(summary_path)
-        tracker.log_artifact(run_dir / rundir.RESOLVED_CONFIG)
-        tracker.log_artifact(run_dir / ".hydra", "hydra")
-        if "evaluate" in summary["stages"]:
-            tracker.log_artifact(run_dir / rundir.EVAL_PREDICTIONS)
-        pending = tracker.end(status, run_dir)
-        if pending is not None:   # the store was away at the end: say where the rest of the run is
-            summary["tracking_pending"] = str(pending)
-            write_json(summary_path, summary)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            raise
+        except Exception as e:
+            if signals.received:   # the signal's exception was turned into another one (e.g. inside a C extension's import)
+                status = "KILLED"
+                raise signals.Interrupted(signals.received[-1]) from None
+            tracker.set_tags({"error": redact(e)[:1000]})
+            summary["error"] = redact(e)[:1000]
+            raise
+        finally:
+            stop_system_metrics(monitor)
+            close_run(cfg, run_dir, summary, tracker, status)
     return summary
 
 
-def _finite_or_null(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v) for v in value]
-    return value
-
-
-def mark_failed(summary_path: Path, error: Exception) -> None:
-    """A data-parallel job whose worker died: rank 0 may have been killed before it could record
-    anything, so the launcher marks the run FAILED in summary.json and in MLflow itself."""
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"runs": earlier_runs(summary_path)}
-    if summary.get("status") in ("FINISHED", "FAILED"):
-        return   # rank 0 got as far as recording the end itself
-    summary.update(status="FAILED", error=redact(error)[:1000])
-    write_json(summary_path, summary)
-    if summary.get("mlflow_run_id") and summary.get("mlflow_uri"):
-        try:
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(summary["mlflow_uri"])
-            client.set_tag(summary["mlflow_run_id"], "error", redact(error)[:1000])
-            client.set_terminated(summary["mlflow_run_id"], status="FAILED")
-        except Exception as e:   # the tracking store is not what failed; say so and keep the original error
-            log.warning("could not mark MLflow run %s FAILED: %s", summary["mlflow_run_id"], e)
-
-
-def training_run_id(summary_path: Path, uri: str) -> str | None:
-    """The MLflow run of the training that train.resume=true continues: the newest run of this run
-    dir (summary.json, then its `runs` history) that trained and logged to the same store."""
-    if not summary_path.is_file():
-        return None
-    try:
-        summary = json.loads(summary_path.read_text())
-    except ValueError:
-        return None
-    for run in [summary, *reversed(summary.get("runs", []))]:
-        if "train" in run.get("stages", []) and run.get("mlflow_uri") == uri and run.get("mlflow_run_id"):
-            return run["mlflow_run_id"]
-    return None
-
-
-def earlier_runs(summary_path: Path) -> list[dict]:
-    """summary.json holds one run's figures; the runs before it in the same run dir are kept, each
-    whole (with its own mlflow_run_id and stages), under `runs`, oldest first."""
-    if not summary_path.is_file():
-        return []
-    try:
-        old = json.loads(summary_path.read_text())
-    except ValueError:
-        log.warning("%s is not valid JSON; its earlier runs are not kept", summary_path)
-        return []
-    return old.pop("runs", []) + [old]
-
-
-def final_metrics(summary: dict) -> dict:
-    """The numbers of this run's summary as MLflow metrics: booleans as 1/0 (retained), per-subject
-    accuracies as acc.<subject> / acc_base.<subject>."""
-    out = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
-    for name, sub in (("acc", summary.get("per_subject_accuracy")),
-                      ("acc_base", summary.get("per_subject_accuracy_base"))):
-        if isinstance(sub, dict):
-            out.update({f"{name}.{s}": v for s, v in sub.items()})
-    return out
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM, turned into the same clean stop as Ctrl-C."""
-
-
-_signals_received: list[str] = []
-
-
-def _raise_interrupt(signum, frame):
-    _signals_received.append(signal.Signals(signum).name)
-    raise Interrupted(signal.Signals(signum).name)
+def run_stages(cfg, run_dir: Path, given: frozenset[str], verbose: bool, tracker, summary: dict) -> None:
+    """Params and config logged, artifacts built, then each selected stage in STAGES order; their
+    figures, seconds and peak memory go into `summary`."""
+    tracker.log_params(flatten(OmegaConf.to_container(cfg)))
+    (run_dir / rundir.RESOLVED_CONFIG).write_text(redact(OmegaConf.to_yaml(cfg)))
+    t0 = time.time()
+    tok, prepared, base, how = artifacts(cfg, tracker, run_dir, verbose)
+    summary["setup_peak_rss_gb"] = peak_rss_gb()   # tokenizer, prepared data, base weights
+    if prepared is not None:   # what the run trains and is scored on, with content digests
+        inputs = dataset_inputs(cfg, prepared)
+        tracker.log_inputs(to_mlflow(inputs))
+        summary["datasets"] = {d["name"]: {"digest": d["digest"], "context": d["context"], "rows": len(d["frame"]),
+                                           "source": d["source"]} for d in inputs}
+    if base is not None:
+        summary.update(base_checkpoint=str(base), base_source=how)
+        tracker.set_tags({"base_checkpoint": str(base), "base_source": how})
+    ctx = RunContext(cfg, run_dir, prepared, base, tok, tracker, 0, given)
+    for name, stage in STAGES.items():
+        if name in cfg.stages:
+            if name != "plan":
+                release_graphs()   # the graphs of what ran before (the demo's base pretraining, a stage)
+            t = time.time()
+            summary.update(stage(ctx))
+            summary[f"{name}_seconds"] = round(time.time() - t, 1)
+            summary[f"{name}_peak_rss_gb"] = peak_rss_gb()
+            tracker.flush()
+    summary["seconds"] = round(time.time() - t0, 1)
 
 
 # conf/ sits beside the package in the repository (an editable install), found by absolute path.
@@ -344,9 +255,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
             return None
         sys.exit(e.exit_code)
     except KeyboardInterrupt as e:   # Ctrl-C or SIGTERM: the run is marked KILLED, no traceback
-        name = str(e) if isinstance(e, Interrupted) else "SIGINT"
+        name, code = signals.exit_code(e)
         print(f"finetune: interrupted by {name}; run {run_dir} marked KILLED", file=sys.stderr)
-        sys.exit(128 + getattr(signal, name))
+        sys.exit(code)
     except Exception:
         if not multirun:
             raise

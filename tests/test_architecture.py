@@ -145,3 +145,12 @@ def test_stage_table_is_the_stage_order():
     assert tuple(app.STAGES) == ORDER
     for name, fn in app.STAGES.items():
         assert fn.__module__ == f"finetune.stages.{name}", (name, fn.__module__)
+
+
+def test_the_mlflow_tracker_is_a_run_tracker():
+    """RunContext.tracker is typed by a Protocol; the MLflow Tracker (a no-op without a store) meets it."""
+    from finetune.runtime.context import Tracker as RunTracker
+    from finetune.tracking.tracker import Tracker
+
+    assert isinstance(Tracker(), RunTracker)
+    assert not isinstance(object(), RunTracker)

@@ -52,7 +52,7 @@ def test_non_finite_letter_logits_are_an_error():
 
 
 def test_summary_json_writes_non_finite_numbers_as_null(tmp_path):
-    from finetune.app import write_json
+    from finetune.runtime.summary import write_summary
 
-    write_json(tmp_path / "s.json", {"a": math.nan, "b": [1.0, math.inf], "c": {"d": -math.inf}, "e": 2.5})
+    write_summary(tmp_path / "s.json", {"a": math.nan, "b": [1.0, math.inf], "c": {"d": -math.inf}, "e": 2.5})
     assert json.loads((tmp_path / "s.json").read_text()) == {"a": None, "b": [1.0, None], "c": {"d": None}, "e": 2.5}

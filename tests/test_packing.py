@@ -205,15 +205,15 @@ def test_an_example_never_sees_another(mmlu_model):
 
 
 def _packed_run(net_rows, batch, accumulation, steps=5):
-    from finetune.training.loop import Schedule, run_steps
+    from finetune.training.loop import Schedule, TrainingJob, run_steps
 
     net, tok, ids, labels, rows = net_rows
     cfg = compose(SMALL + ["hardware.loss_scale.kind=none", "optimizer.learning_rate=5e-3"])
     before = {p.name: p.asnumpy().copy() for p in net.get_parameters() if p.requires_grad}
     try:
-        return run_steps(net, packed_feed(rows), Schedule(batch_size=batch, epochs=1, seed=0, accumulation=accumulation,
-                                                          max_steps=steps),
-                         opt_cfg=cfg.optimizer, hw=cfg.hardware, tracker=_Quiet(), prefix="t_", desc="test")
+        schedule = Schedule(batch_size=batch, epochs=1, seed=0, accumulation=accumulation, max_steps=steps)
+        return run_steps(TrainingJob(net, packed_feed(rows), schedule, cfg.optimizer, cfg.hardware, _Quiet(),
+                                     metric_prefix="t_", desc="test"))
     finally:   # the module's model is shared: put the weights back
         import mindspore as ms
 
@@ -266,7 +266,7 @@ def test_released_graphs_give_their_memory_back(mmlu_model):
 def test_long_evaluation_batches_take_fewer_rows():
     """Prompts in order of length, batch 16; past 512 tokens fewer rows (1024: 4, 2048: 1), each
     length one shape, every prompt once."""
-    from finetune.model.forward import eval_batches
+    from finetune.data.batches import eval_batches
 
     lengths = [50] * 20 + [300] * 5 + [900] * 6 + [1500] * 2
     batches = eval_batches(lengths, 2048, 16)

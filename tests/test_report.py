@@ -7,7 +7,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from finetune.tracking.report import accuracy_rows, read_train_log, write_report
+from finetune.tracking.run_report import accuracy_rows, read_train_log, write_report
 from finetune.tracking.tracker import Tracker
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -128,7 +128,7 @@ def test_read_train_log(tmp_path):
 def test_sweep_report_from_children(tmp_path):
     """The sweep parent's plots from its children: swept keys found by comparing params, one plot
     each (numbers on a log axis when they span decades), the failed child in the table only."""
-    from finetune.tracking.report import swept_params, write_sweep_report
+    from finetune.tracking.sweep_report import swept_params, write_sweep_report
 
     children = [{"job": str(i), "run_name": f"s-{i}", "status": "FINISHED" if i < 3 else "FAILED",
                  "params": {"lora.rank": str(r), "optimizer.learning_rate": str(lr), "seed": "0"},

@@ -11,7 +11,7 @@ from finetune.evaluation.scoring import build_eval_prompts, letter_logits, lette
 from finetune.model.adapter import load_adapter, save_adapter
 from finetune.model.llama import build_model, count_params
 from finetune.model.lora import apply_lora
-from finetune.training.loop import Schedule, row_feed, run_steps
+from finetune.training.loop import Schedule, TrainingJob, row_feed, run_steps
 from helpers import compose
 
 
@@ -69,9 +69,9 @@ def test_lora_training_decreases_loss_and_only_moves_the_adapter(setup, tmp_path
     net = _lora_net(cfg, tok)
     before = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
     opt_cfg = compose(["optimizer.learning_rate=5e-3"]).optimizer
-    stats = run_steps(net, row_feed(ids, labels, tok.pad_id, sparse=False),
-                      Schedule(batch_size=16, epochs=1, seed=0, max_steps=20), opt_cfg=opt_cfg,
-                      hw=cfg.hardware, tracker=_NoTracker(), prefix="t_", desc="test")
+    stats = run_steps(TrainingJob(net, row_feed(ids, labels, tok.pad_id, sparse=False),
+                                  Schedule(batch_size=16, epochs=1, seed=0, max_steps=20), opt_cfg, cfg.hardware,
+                                  _NoTracker(), metric_prefix="t_", desc="test"))
     assert stats["steps"] == 20
     # A random-init base: the answer loss starts near ln(vocab) ~ 7.9 and LoRA alone pulls it well down.
     assert stats["loss_first"] > 6.0
@@ -98,10 +98,10 @@ def _six_steps(cfg, tok, ids, labels, batch=16, accumulation=1, sparse=True):
         calls.append((step, last))
         return last
 
-    stats = run_steps(net, row_feed(ids, labels, tok.pad_id, sparse=sparse),
-                      Schedule(batch_size=batch, epochs=1, seed=0, accumulation=accumulation, max_steps=6),
-                      opt_cfg=cfg.optimizer, hw=cfg.hardware, tracker=_Rows(rows), prefix="t_",
-                      desc="test", on_step=on_step)
+    stats = run_steps(TrainingJob(net, row_feed(ids, labels, tok.pad_id, sparse=sparse),
+                                  Schedule(batch_size=batch, epochs=1, seed=0, accumulation=accumulation, max_steps=6),
+                                  cfg.optimizer, cfg.hardware, _Rows(rows), metric_prefix="t_", desc="test",
+                                  on_step=on_step))
     assert calls == [(s, s == 6) for s in range(1, 7)] and stats["steps"] == 6
     return stats["losses"], [r["t_grad_norm"] for r in rows], stats
 

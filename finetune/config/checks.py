@@ -14,6 +14,7 @@ import re
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from finetune.config.schema import STAGES
 from finetune.errors import ConfigError
 
 # keys that must be >= 1 (null allowed where the schema says Optional)
@@ -57,7 +58,7 @@ def _value(cfg, key):
 def check(cfg) -> None:
     """Cross-key and range checks; raises ConfigError naming the key and what was expected."""
     if not cfg.stages:
-        raise ConfigError("stages: empty; choose from plan, prepare, train, evaluate, merge, predict, export")
+        raise ConfigError(f"stages: empty; choose from {', '.join(STAGES)}")
     for key in AT_LEAST_ONE:
         v = _value(cfg, key)
         if v is not None and v < 1:

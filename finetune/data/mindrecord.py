@@ -30,7 +30,7 @@ def encode_example(prompt: str, answer: str, tok, seq_length: int) -> tuple[list
 SHUFFLE_SEED = 1234
 # After the shuffle, rows are sorted by length within chunks of this many rows, so that consecutive
 # rows (a batch) have similar lengths and a batch cut to its length bucket holds little padding
-# (forward.bucket). The epoch's batch order is still shuffled (train.batch_order).
+# (batches.bucket). The epoch's batch order is still shuffled (train.batch_order).
 LENGTH_CHUNK = 1024
 
 

@@ -136,7 +136,7 @@ def labelled_positions(targets: np.ndarray, k: int, what: str = "row") -> tuple[
     (flat [B, k] indices of the labelled positions in the flattened batch, target [B, k] their
     ids, filled [B, k] True where an entry is real), each row padded to k entries with row r's
     first position (any valid index: unfilled entries carry no loss). The head's gather for the
-    packed loss (step_inputs) and the bucketed one (forward.answer_positions)."""
+    packed loss (step_inputs) and the bucketed one (batches.answer_positions)."""
     b, length = targets.shape
     flat = np.repeat(np.arange(b, dtype=np.int32)[:, None] * length, k, axis=1)
     target = np.zeros((b, k), np.int32)

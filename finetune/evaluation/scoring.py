@@ -56,7 +56,7 @@ def letter_logits(net, token_lists: list[list[int]], letter_ids: list[int], batc
     """[N, 4] logits of the letter tokens at each prompt's last position.
 
     Prompts are taken in order of length, batch_size at a time (fewer past 512 tokens:
-    forward.eval_batches), each batch right-padded to its length bucket (forward.eval_bucket: a
+    batches.eval_batches), each batch right-padded to its length bucket (batches.eval_bucket: a
     power of two from 64 up to seq_length; the last batch filled with padding rows), and the head
     runs on the last prompt position only (forward.last_logits_cell).
     With causal attention, padding after a prompt cannot change the logits at its last position,
@@ -64,7 +64,8 @@ def letter_logits(net, token_lists: list[list[int]], letter_ids: list[int], batc
     processed and padded and the compiled shapes."""
     import mindspore as ms
 
-    from finetune.model.forward import eval_batches, last_logits_cell
+    from finetune.data.batches import eval_batches
+    from finetune.model.forward import last_logits_cell
 
     head = last_logits_cell(net)
     head.set_train(False)

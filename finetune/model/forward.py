@@ -6,78 +6,12 @@
 - evaluation: the head runs on the last prompt position of each row only.
 - training on packed rows (data/packing.py, `packed_loss_cell`): many examples per row of exactly
   model.seq_length positions, each attending to itself only: one shape, one compiled graph.
-- every other batch is cut to a length instead of model.seq_length: padding after a row's last
-  token cannot change its logits (causal attention), so it need not be computed. Evaluation,
-  prediction and generation use powers of two (`eval_bucket`: few shapes, known in advance);
-  unpacked training (train.packing=false) finer buckets (`bucket`: less padding, more graphs).
-  Rows of similar length are batched together (prepared training data is sorted by length within
-  chunks, evaluation prompts are taken in order of length), so little padding is left.
+- generation: a KV cache (`kv_cells`: prefill once, then one token per step).
 
-Positions and labels are gathered on the host (numpy) into flat indices, so each graph has fixed
-shapes: one compile per (batch, bucket length, labelled positions per row).
+The batches these cells take (lengths, flat position indices, masks) are made on the host, in
+numpy, by finetune/data/batches.py and finetune/data/packing.py, so each graph has fixed shapes.
 """
 from __future__ import annotations
-
-import numpy as np
-
-from finetune.data.packing import labelled_per_row as packed_labelled_per_row
-from finetune.data.packing import labelled_positions
-
-# Length buckets: 64, then four steps per power of two (64 80 96 112 128 160 192 224 256 320 ...).
-# A row wastes at most a fifth of its bucket on padding (about a tenth on average), and a whole
-# range of lengths compiles to few shapes: 21 buckets from 64 to 2048. Below 64 tokens a graph's
-# compile time (seconds) outweighs what shorter rows save.
-MIN_BUCKET = 64
-
-
-def bucket(length: int, limit: int) -> int:
-    """The smallest bucket length that holds `length` tokens, at most `limit` (model.seq_length)."""
-    if length <= MIN_BUCKET:
-        return min(limit, MIN_BUCKET)
-    step = (1 << ((length - 1).bit_length() - 1)) // 4      # a quarter of the power of two below length
-    return min(limit, -(-length // step) * step)
-
-
-def eval_bucket(length: int, limit: int) -> int:
-    """The input length of an evaluation, prediction or generation batch: the smallest power of two
-    from MIN_BUCKET up that holds `length` tokens, at most `limit` (model.seq_length). Inference
-    graphs are cheap to keep but each costs a compile: at most 6 shapes up to 2048 (64 .. 2048),
-    known before any data is read (plan counts them)."""
-    return min(limit, max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length()))
-
-
-# Rows of an evaluation batch hold at most this many tokens' attention square each, times the batch:
-# past 512 tokens a batch takes fewer rows (1024: a quarter, 2048: a sixteenth), so that the score
-# matrices [rows, heads, L, L] of a long batch are no larger than those of a full batch at 512.
-# (128M model, eval batch 16 at 2048 tokens: ~2 GB per score tensor, and the job passed 24 GB.)
-EVAL_SQUARE = 512
-
-
-def eval_rows(batch_size: int, length: int) -> int:
-    """Rows of an evaluation batch of prompts cut to `length` (at least 1, at most batch_size)."""
-    return max(1, min(batch_size, batch_size * EVAL_SQUARE ** 2 // length ** 2))
-
-
-def eval_batches(lengths, limit: int, batch_size: int) -> list[tuple[list[int], int, int]]:
-    """How scoring runs prompts of these lengths: [(indices, rows, length)], indices taken in order of
-    length, each batch right-padded to (rows, length): length = eval_bucket of its longest prompt,
-    rows = eval_rows(batch_size, length) (fewer rows for long prompts), so each length is one shape."""
-    out, chunk = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if len(chunk) >= eval_rows(batch_size, eval_bucket(lengths[i], limit)):   # i would not fit: close
-            length = eval_bucket(lengths[chunk[-1]], limit)
-            out.append((chunk, eval_rows(batch_size, length), length))
-            chunk = []
-        chunk.append(i)
-    if chunk:
-        length = eval_bucket(lengths[chunk[-1]], limit)
-        out.append((chunk, eval_rows(batch_size, length), length))
-    return out
-
-
-def eval_buckets(lengths, limit: int, batch_size: int) -> list[int]:
-    """The distinct lengths scoring.letter_logits runs prompts of these lengths at (eval_batches)."""
-    return sorted({length for _, _, length in eval_batches(list(lengths), limit, batch_size)})
 
 
 def causal_lm(net):
@@ -89,29 +23,6 @@ def causal_lm(net):
             raise TypeError(f"{type(net).__name__}: no LlamaForCausalLM inside")
         net = cells[0]
     return net
-
-
-def row_lengths(ids: np.ndarray, pad_id: int) -> np.ndarray:
-    """Tokens up to and including each row's last non-pad token (rows are right-padded)."""
-    real = ids != pad_id
-    return np.where(real.any(axis=1), ids.shape[1] - np.argmax(real[:, ::-1], axis=1), 0)
-
-
-def answer_positions(ids: np.ndarray, labels: np.ndarray, pad_id: int, k: int) -> tuple[np.ndarray, ...]:
-    """Host side of AnswerLoss for one batch of prepared rows ([B, L+1] input ids and labels, the
-    model predicts token t+1 at position t): (flat position index [B*k], target id [B*k],
-    mask [B*k]) of each row's labelled positions, padded to k per row with masked entries. The
-    mask is MindFormers' own: label != IGNORE_ID and input token != pad."""
-    tokens = ids[:, :-1]
-    flat, target, filled = labelled_positions(labels[:, 1:], k)
-    real = np.take_along_axis(tokens, flat - np.arange(len(tokens))[:, None] * tokens.shape[1], axis=1) != pad_id
-    return flat.reshape(-1), target.reshape(-1), (filled & real).astype(np.float32).reshape(-1)
-
-
-def labelled_per_row(labels: np.ndarray) -> int:
-    """The most labelled positions in any row of prepared [B, L+1] labels (AnswerLoss's k, fixed
-    for a whole run)."""
-    return packed_labelled_per_row(labels[:, 1:])
 
 
 def answer_loss_cell(net):
@@ -311,6 +222,25 @@ def _kv_cells(net):
                             layer.dtype)
         return ops.add(x, y)
 
+    def layer_body(layer, h, freqs, mask, write=None):
+        """One decoder layer as LLamaDecodeLayer computes it, also returning its keys and values.
+        write = (cached keys, cached values, keep, onehot): a decode step writes its k/v at one
+        position of the cache (x*1 + 0 elsewhere is exact: the rest is unchanged) and attends to all."""
+        attn = layer.attention
+        x = layer.attention_norm(h)
+        q = split_heads(ops.cast(attn.wq(x), attn.dtype), attn.n_head, attn.head_dim)
+        k = split_heads(ops.cast(attn.wk(x), attn.dtype), attn.n_kv_head, attn.head_dim)
+        v = split_heads(ops.cast(attn.wv(x), attn.dtype), attn.n_kv_head, attn.head_dim)
+        q, k = attn.apply_rotary_emb(q, k, freqs)
+        if write is not None:
+            cached_k, cached_v, keep, onehot = write
+            k = cached_k * keep + k * onehot
+            v = cached_v * keep + v * onehot
+        context = attn._attn(q, attn._repeat_kv(k, attn.n_rep), attn._repeat_kv(v, attn.n_rep), mask)
+        h = residual(layer, h, ops.cast(attn.wo(context), x.dtype))
+        h = residual(layer, h, layer.feed_forward(layer.ffn_norm(h)))
+        return h, k, v
+
     class Prefill(nn.Cell):
         def __init__(self):
             super().__init__(auto_prefix=False)
@@ -325,18 +255,9 @@ def _kv_cells(net):
             h = ops.reshape(ops.cast(model.tok_embeddings(tokens), model.dtype), (b, length, -1))
             keys, values = (), ()
             for i in range(self.num_layers):
-                layer = model.layers[i]
-                attn = layer.attention
-                x = layer.attention_norm(h)
-                q = split_heads(ops.cast(attn.wq(x), attn.dtype), attn.n_head, attn.head_dim)
-                k = split_heads(ops.cast(attn.wk(x), attn.dtype), attn.n_kv_head, attn.head_dim)
-                v = split_heads(ops.cast(attn.wv(x), attn.dtype), attn.n_kv_head, attn.head_dim)
-                q, k = attn.apply_rotary_emb(q, k, freqs)
+                h, k, v = layer_body(model.layers[i], h, freqs, mask)
                 keys += (k,)
                 values += (v,)
-                context = attn._attn(q, attn._repeat_kv(k, attn.n_rep), attn._repeat_kv(v, attn.n_rep), mask)
-                h = residual(layer, h, ops.cast(attn.wo(context), x.dtype))
-                h = residual(layer, h, layer.feed_forward(layer.ffn_norm(h)))
             hidden = ops.reshape(model.norm_out(h), (b * length, -1))
             logits = ops.cast(self.lm.lm_head(ops.gather(hidden, flat, 0)), f32)
             return logits, keys, values
@@ -363,37 +284,12 @@ def _kv_cells(net):
             h = ops.reshape(ops.cast(model.tok_embeddings(token), model.dtype), (b, 1, -1))
             new_keys, new_values = (), ()
             for i in range(self.num_layers):
-                layer = model.layers[i]
-                attn = layer.attention
-                x = layer.attention_norm(h)
-                q = split_heads(ops.cast(attn.wq(x), attn.dtype), attn.n_head, attn.head_dim)
-                k = split_heads(ops.cast(attn.wk(x), attn.dtype), attn.n_kv_head, attn.head_dim)
-                v = split_heads(ops.cast(attn.wv(x), attn.dtype), attn.n_kv_head, attn.head_dim)
-                q, k = attn.apply_rotary_emb(q, k, freqs)
-                # write position pos: x*1 + 0 elsewhere is exact, so the rest of the cache is unchanged
-                k_all = keys[i] * keep + k * onehot
-                v_all = values[i] * keep + v * onehot
-                new_keys += (k_all,)
-                new_values += (v_all,)
-                context = attn._attn(q, attn._repeat_kv(k_all, attn.n_rep), attn._repeat_kv(v_all, attn.n_rep),
-                                     mask)
-                h = residual(layer, h, ops.cast(attn.wo(context), x.dtype))
-                h = residual(layer, h, layer.feed_forward(layer.ffn_norm(h)))
+                h, k, v = layer_body(model.layers[i], h, freqs, mask, (keys[i], values[i], keep, onehot))
+                new_keys += (k,)
+                new_values += (v,)
             hidden = ops.reshape(model.norm_out(h), (b, -1))
             return ops.cast(self.lm.lm_head(hidden), f32), new_keys, new_values
 
     return Prefill(), Step()
 
 
-def batch_inputs(ids: np.ndarray, labels: np.ndarray, pad_id: int, answers_per_row: int | None,
-                 fit=bucket) -> tuple:
-    """The step's inputs for rows of prepared data ([B, seq_length + 1] ids and labels) and the tokens
-    the model processes. answers_per_row None: the whole rows, for the model's own loss over every
-    position (pretraining on packed text). Otherwise (LoRA on exam questions) the rows are cut to a
-    length `fit(longest, seq_length)` (a training bucket, or eval_bucket for a loss measured during
-    training) and the loss is taken at the labelled positions only (forward.answer_loss_cell)."""
-    if answers_per_row is None:
-        return (ids, labels), ids[:, :-1].size
-    length = fit(int(row_lengths(ids, pad_id).max()) - 1, ids.shape[1] - 1)   # tokens the model reads
-    flat, target, mask = answer_positions(ids[:, :length + 1], labels[:, :length + 1], pad_id, answers_per_row)
-    return (ids[:, :length], flat, target, mask), ids.shape[0] * length

@@ -8,7 +8,7 @@ next token depends only on its own tokens, never on its batch neighbours or thei
   positions' keys and values from the cache: the cost of a new token does not grow with the
   prompt (attention reads the cache, the projections, feed-forward and head see one token).
 - uncached (cache=False, the reference the cached path is tested against): every new token is a
-  forward pass over the whole batch cut to its current length bucket (forward.eval_bucket), head
+  forward pass over the whole batch cut to its current length bucket (batches.eval_bucket), head
   on the last position.
 """
 from __future__ import annotations
@@ -56,7 +56,8 @@ def _pick(logits: np.ndarray, seqs: list[list[int]], done: list[bool], new: list
 def _uncached_chunk(net, seqs, max_new_tokens, eos_id, pad_id, seq_length, batch_size, counts):
     import mindspore as ms
 
-    from finetune.model.forward import eval_bucket, last_logits_cell
+    from finetune.data.batches import eval_bucket
+    from finetune.model.forward import last_logits_cell
 
     head = last_logits_cell(net)
     head.set_train(False)
@@ -84,7 +85,8 @@ def _cached_chunk(net, seqs, max_new_tokens, eos_id, pad_id, seq_length, batch_s
     new tokens), then feed each row's newest token at its position until every row is done."""
     import mindspore as ms
 
-    from finetune.model.forward import eval_bucket, kv_cells
+    from finetune.data.batches import eval_bucket
+    from finetune.model.forward import kv_cells
 
     prefill, step = kv_cells(net)
     prefill.set_train(False)

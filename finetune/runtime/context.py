@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """What stages and the training loop may call on the run's tracker. The MLflow implementation is
+    finetune.tracking.tracker.Tracker (a no-op when it has no store: ranks other than 0); tests may
+    pass any object with these methods."""
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, model_id: str | None = None) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def continue_steps(self, key: str) -> int: ...
+    def flush(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -14,7 +26,7 @@ class RunContext:
     prepared: Path | None       # the prepared-data folder (prepare.prepare); None for a plan-only run
     base_checkpoint: Path | None  # the base weights as a MindSpore checkpoint (base.resolve_base)
     tok: Any                    # the tokenizer (tokenizer.load_tokenizer)
-    tracker: Any                # MLflow run (tracking.Tracker), or a silent one on ranks other than 0
+    tracker: Tracker            # the MLflow run, or a silent one on ranks other than 0
     rank: int = 0               # this process's data-parallel rank
     given: frozenset[str] = field(default_factory=frozenset)   # config keys set on the command line
 

@@ -179,8 +179,8 @@ def run_command(cfg, run_dir: Path, overrides: list[str]) -> list[str]:
 
 
 def power_of_two_lengths(seq_length: int) -> list[int]:
-    """Every input length forward.eval_bucket can give up to seq_length: 64, 128, ... and seq_length."""
-    from finetune.model.forward import eval_bucket
+    """Every input length batches.eval_bucket can give up to seq_length: 64, 128, ... and seq_length."""
+    from finetune.data.batches import eval_bucket
 
     return sorted({eval_bucket(1 << n, seq_length) for n in range(seq_length.bit_length() + 1)})
 
@@ -195,8 +195,8 @@ def compiled_graphs(cfg, prepared: Path | None, tok) -> dict[str, dict]:
     letter scoring at the power-of-two lengths its prompt batches need; greedy generation (SQuAD,
     eval.mc.method=generate) a prefill and a one-token step graph per cache length. predict: as
     evaluate's letter scoring on its input."""
+    from finetune.data.batches import bucket, eval_buckets, row_lengths
     from finetune.data.prepared import dataset_squad
-    from finetune.model.forward import bucket, eval_buckets, row_lengths
 
     seq = cfg.model.seq_length
     # the stages the real run has: a plan-only run stands for the default ones (plan.run_command)

@@ -20,7 +20,7 @@ from finetune.training.checkpoints import (
     training_settings,
     write_run_record,
 )
-from finetune.training.loop import Schedule, packed_feed, row_feed, run_steps, total_steps
+from finetune.training.loop import Schedule, TrainingJob, packed_feed, row_feed, run_steps, total_steps
 from finetune.training.train_log import read_rows
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,10 @@ def train(ctx) -> dict:
             save_adapter(net, best_file)
         return during.should_stop and not last
 
-    stats = run_steps(net, feed, schedule, opt_cfg=cfg.optimizer, hw=cfg.hardware, tracker=ctx.tracker,
-                      prefix="train_", desc="LoRA train", world=dp,
-                      log_file=run_dir / rundir.TRAIN_LOG if r == 0 else None, save_at=save_at, on_save=on_save,
-                      resume_state=resume_state, on_step=on_step)
+    stats = run_steps(TrainingJob(net, feed, schedule, cfg.optimizer, cfg.hardware, ctx.tracker,
+                                  metric_prefix="train_", desc="LoRA train", world=dp,
+                                  log_file=run_dir / rundir.TRAIN_LOG if r == 0 else None, save_at=tuple(save_at),
+                                  on_save=on_save, resume=resume_state, on_step=on_step))
     if r == 0:
         save_adapter(net, run_dir / rundir.ADAPTER)
         if during is not None and during.best_step is not None:   # early stopping: the best one is kept

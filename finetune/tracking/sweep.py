@@ -22,8 +22,8 @@ from hydra.experimental.callback import Callback
 
 from finetune.errors import ConfigError
 from finetune.runtime.redact import redact, redact_files
-from finetune.tracking.report import write_sweep_report
 from finetune.tracking.store import resolve_uri
+from finetune.tracking.sweep_report import write_sweep_report
 from finetune.tracking.tracker import (
     MAX_PARAM_VALUE,
     SWEEP_EXPERIMENT_ENV,

@@ -81,16 +81,16 @@ def pack_corpus(docs: list[str], tok, seq_length: int) -> np.ndarray:
 def pretrain(net, corpus: list[str], cfg, tok, tracker) -> None:
     """Full-parameter next-token training of a random-init base on the corpus (the demo's 'pretraining
     knowledge'), with the same jit step and loop as LoRA training; step metrics as pretrain_*."""
-    from finetune.training.loop import Schedule, row_feed, run_steps
+    from finetune.training.loop import Schedule, TrainingJob, row_feed, run_steps
 
     pre = cfg.model.pretrain
     rows = pack_corpus(corpus, tok, cfg.model.seq_length)
     log.info("base model: pretraining %s on %d corpus rows for %d epochs (cached afterwards)",
              cfg.model.name, len(rows), pre.epochs)
     opt_cfg = OmegaConf.merge(cfg.optimizer, {"learning_rate": pre.learning_rate})
-    stats = run_steps(net, row_feed(rows, rows, tok.pad_id, sparse=False),
-                      Schedule(batch_size=pre.batch_size, epochs=pre.epochs, seed=cfg.seed),
-                      opt_cfg=opt_cfg, hw=cfg.hardware, tracker=tracker, prefix="pretrain_", desc="pretrain base")
+    stats = run_steps(TrainingJob(net, row_feed(rows, rows, tok.pad_id, sparse=False),
+                                  Schedule(batch_size=pre.batch_size, epochs=pre.epochs, seed=cfg.seed),
+                                  opt_cfg, cfg.hardware, tracker, metric_prefix="pretrain_", desc="pretrain base"))
     tracker.log_metrics({"pretrain_loss_last": stats["loss_last"]})
 
 

@@ -1,7 +1,7 @@
 """Training checkpoints: evenly spaced over the run, written atomically, verified by checksum, resumable.
 
 A checkpoint at optimizer step N is two files in <run dir>/checkpoints/:
-  adapter-stepN.ckpt  the LoRA weights (what merge/evaluate read; see lora.save_adapter)
+  adapter-stepN.ckpt  the LoRA weights (what merge/evaluate read; finetune/model/adapter.py save_adapter)
   state-stepN.ckpt    everything else resume needs: AdamW moments + global_step (which drives the
                       LR schedule), the dynamic loss scale and its counter, the step number
 and one line in index.json ({"step", "adapter", "state", "sha256": {file: digest}}), rewritten

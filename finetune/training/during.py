@@ -85,8 +85,9 @@ class DuringTraining:
     def _general_loss(self) -> float:
         import mindspore as ms
 
+        from finetune.data.batches import batch_inputs, eval_bucket, labelled_per_row
         from finetune.data.records import IGNORE_ID
-        from finetune.model.forward import answer_loss_cell, batch_inputs, eval_bucket, labelled_per_row
+        from finetune.model.forward import answer_loss_cell
 
         if not hasattr(self, "_loss_cell"):
             self._loss_cell = answer_loss_cell(self.net)

@@ -10,18 +10,21 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from finetune.data.batches import batch_inputs, labelled_per_row
 from finetune.data.packing import PackedRows, step_inputs
 from finetune.data.packing import labelled_per_row as packed_labels_per_row
 from finetune.data.records import IGNORE_ID
 from finetune.errors import ModelError, TrainingDiverged
 from finetune.model.checkpoint import read_checkpoint
-from finetune.model.forward import answer_loss_cell, batch_inputs, labelled_per_row, packed_loss_cell
+from finetune.model.forward import answer_loss_cell, packed_loss_cell
 from finetune.training.train_log import format_row, open_log
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,7 @@ class Feed:
 
 def row_feed(ids: np.ndarray, labels: np.ndarray, pad_id: int, sparse: bool, world: int = 1) -> Feed:
     """Rows of this rank's shard as they are ([N, seq_length + 1]). sparse: each batch cut to a
-    length bucket and the loss taken at the labelled positions only (forward.batch_inputs: the
+    length bucket and the loss taken at the labelled positions only (batches.batch_inputs: the
     same loss and gradients as the full model); else the model's own loss over every position
     (pretraining on packed text)."""
     answers_per_row = labelled_per_row(labels) if sparse else None
@@ -115,8 +118,8 @@ def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int, wor
     Data parallel (world > 1, msrun workers after communication.init()): gradients and loss are
     averaged over the ranks with AllReduce inside the same graph, before unscaling, the overflow
     check and clipping, so every rank applies the identical update. (MindSpore's DATA_PARALLEL
-    auto-parallel mode does not compile MindFormers' Llama in graph mode on CPU; see
-    ../shared/notes/mindspore-cpu.md.)"""
+    auto-parallel mode does not compile MindFormers' Llama in graph mode on CPU with MindSpore 2.9,
+    as measured on this project's CPU machines.)"""
     import mindspore as ms
     from mindspore import amp, ops
 
@@ -209,18 +212,33 @@ def total_steps(rows: int, rows_per_step: int, epochs: int, max_steps: int | Non
     return total if max_steps is None else min(total, max_steps)
 
 
-def run_steps(net, feed: Feed, schedule: Schedule, *, opt_cfg, hw, tracker, prefix: str, desc: str, world: int = 1,
-              log_file: Path | None = None, save_at=(), on_save=None, resume_state: tuple[int, Path] | None = None,
-              on_step=None) -> dict:
-    """The training loop shared by LoRA fine-tuning and base pretraining.
+@dataclass(frozen=True)
+class TrainingJob:
+    """One training loop's inputs: LoRA fine-tuning (stages/train.py) and the demo's base pretraining
+    (training/base.py) both build one and hand it to run_steps."""
+    net: Any                        # the network; its parameters with requires_grad are trained
+    feed: Feed                      # each micro-batch's inputs: row_feed or packed_feed
+    schedule: Schedule
+    optimizer: Any                  # the optimizer config group (AdamW, cosine schedule, clipping)
+    hardware: Any                   # the hardware config group (loss scaling)
+    tracker: Any                    # step metrics go here (finetune.runtime.context.Tracker)
+    metric_prefix: str = "train_"   # train_loss, pretrain_loss, ...
+    desc: str = "train"             # the progress bar's label
+    world: int = 1                  # data-parallel ranks taking part in every step
+    log_file: Path | None = None    # train_log.csv (rank 0 only)
+    save_at: tuple[int, ...] = ()   # steps after which on_save(step, state) runs
+    on_save: Callable | None = None
+    resume: tuple[int, Path] | None = None   # (step, state file): continue after that step
+    on_step: Callable | None = None  # on_step(step, last) after every step; True stops (early stopping)
 
-    `feed` gives each micro-batch's inputs (row_feed: this rank's rows; packed_feed: packed rows);
-    one optimizer step takes batch_size x accumulation rows from every rank. on_save(step, state)
-    runs after the steps listed in save_at, with state = optimizer_state(...); resume_state =
-    (step, state file) continues after that step. on_step(step, last) runs after every step
-    (last: the run's final step); returning True stops the run there (early stopping)."""
+
+def run_steps(job: TrainingJob) -> dict:
+    """The training loop. One optimizer step takes batch_size x accumulation rows of the feed on
+    every rank; on_save gets state = optimizer_state(...), which resume loads back."""
     import mindspore as ms
 
+    net, feed, schedule, opt_cfg, tracker = job.net, job.feed, job.schedule, job.optimizer, job.tracker
+    prefix, resume_state, on_step = job.metric_prefix, job.resume, job.on_step
     batch_size, accumulation, seed = schedule.batch_size, schedule.accumulation, schedule.seed
     per_step = batch_size * accumulation
     steps_per_epoch = feed.rows // per_step
@@ -232,8 +250,8 @@ def run_steps(net, feed: Feed, schedule: Schedule, *, opt_cfg, hw, tracker, pref
     params = [p for p in net.get_parameters() if p.requires_grad]
     opt, lr_schedule = make_optimizer(params, opt_cfg, total)
     loss_net = feed.loss_cell(net)
-    micro_step, full_step, scaler = make_step(loss_net, opt, hw.loss_scale, opt_cfg.max_grad_norm, accumulation,
-                                              world)
+    micro_step, full_step, scaler = make_step(loss_net, opt, job.hardware.loss_scale, opt_cfg.max_grad_norm,
+                                              accumulation, job.world)
     state = optimizer_state(opt, scaler)
     start = 0
     if resume_state is not None:
@@ -245,13 +263,13 @@ def run_steps(net, feed: Feed, schedule: Schedule, *, opt_cfg, hw, tracker, pref
     def current_scale() -> float:
         return float(scaler.scale_value.asnumpy()) if scaler is not None else 1.0
 
-    log_rows = open_log(log_file, start)
+    log_rows = open_log(job.log_file, start)
     losses, tokens_done, timed_tokens, timed_seconds, skipped, processed, shapes = [], 0, 0, 0.0, 0, 0, set()
     all_seconds = 0.0   # every step, compiles included
     nonfinite_run = 0   # non-finite steps in a row
     limit = schedule.max_nonfinite_steps if scaler is not None else 1
     order, order_epoch = None, -1
-    bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc=job.desc, unit="step", dynamic_ncols=True)
     for step in range(start + 1, total + 1):
         epoch, s = divmod(step - 1, steps_per_epoch)
         if epoch != order_epoch:
@@ -306,8 +324,8 @@ def run_steps(net, feed: Feed, schedule: Schedule, *, opt_cfg, hw, tracker, pref
                 f"training diverged at step {step}: loss {loss_value:.6g}, gradient norm {row['grad_norm']:.6g} "
                 f"(not finite, {why}); no adapter written from it, the checkpoints saved before are kept "
                 f"(lower optimizer.learning_rate, currently {opt_cfg.learning_rate:g})")
-        if step in save_at and on_save is not None:
-            on_save(step, state)
+        if step in job.save_at and job.on_save is not None:
+            job.on_save(step, state)
         if on_step is not None and on_step(step, step == total):
             log.info("early stopping after step %d of %d", step, total)
             total = step
