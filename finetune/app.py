@@ -19,23 +19,32 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from finetune import rundir
-from finetune.config.checks import resolve
-from finetune.config.schema import STAGES as STAGE_ORDER
-from finetune.config.schema import register
-from finetune.data.inputs import check_input_files, read_predict_input
-from finetune.data.prepare import prepare
-from finetune.data.tokenizer import load_tokenizer
+from finetune.config import STAGES as STAGE_ORDER
+from finetune.config import register, resolve
+from finetune.data import check_input_files, load_tokenizer, prepare, read_predict_input
 from finetune.errors import LaunchError, UserError
-from finetune.model.adapter import check_run_adapter
-from finetune.model.llama import release_graphs, setup_context
-from finetune.runtime import signals
-from finetune.runtime.context import RunContext
-from finetune.runtime.launch import init_worker, is_worker, launch, rank, world_size
-from finetune.runtime.logs import quiet_libraries
-from finetune.runtime.memory import peak_rss_gb
-from finetune.runtime.redact import redact, redact_files, redact_logging, use_credentials
-from finetune.runtime.signals import sigterm_as_interrupt
-from finetune.runtime.summary import earlier_runs, training_run_id, write_summary
+from finetune.model import check_run_adapter, release_graphs, setup_context
+from finetune.runtime import (
+    Interrupted,
+    RunContext,
+    earlier_runs,
+    exit_code,
+    init_worker,
+    is_worker,
+    launch,
+    peak_rss_gb,
+    quiet_libraries,
+    rank,
+    received,
+    redact,
+    redact_files,
+    redact_logging,
+    sigterm_as_interrupt,
+    training_run_id,
+    use_credentials,
+    world_size,
+    write_summary,
+)
 from finetune.stages.evaluate import evaluate
 from finetune.stages.export import export
 from finetune.stages.merge import merge
@@ -43,13 +52,18 @@ from finetune.stages.plan import plan
 from finetune.stages.predict import predict
 from finetune.stages.prepare import prepare_stage
 from finetune.stages.train import train
-from finetune.tracking.lineage import dataset_inputs, to_mlflow
-from finetune.tracking.run_end import close_run, mark_failed
-from finetune.tracking.store import resolve_uri
-from finetune.tracking.system_metrics import start_system_metrics, stop_system_metrics
-from finetune.tracking.tracker import Tracker, flatten
-from finetune.training.base import resolve_base
-from finetune.training.checkpoints import check_fresh_run_dir, resume_point
+from finetune.tracking import (
+    Tracker,
+    close_run,
+    dataset_inputs,
+    flatten,
+    mark_failed,
+    resolve_uri,
+    start_system_metrics,
+    stop_system_metrics,
+    to_mlflow,
+)
+from finetune.training import check_fresh_run_dir, resolve_base, resume_point
 
 log = logging.getLogger(__name__)
 register()
@@ -163,9 +177,9 @@ def rank0(cfg, run_dir: Path, given: frozenset[str], verbose: bool) -> dict:
             status = "KILLED"
             raise
         except Exception as e:
-            if signals.received:   # the signal's exception was turned into another one (e.g. inside a C extension's import)
+            if received:   # the signal's exception was turned into another one (e.g. inside a C extension's import)
                 status = "KILLED"
-                raise signals.Interrupted(signals.received[-1]) from None
+                raise Interrupted(received[-1]) from None
             tracker.set_tags({"error": redact(e)[:1000]})
             summary["error"] = redact(e)[:1000]
             raise
@@ -240,7 +254,7 @@ def output_path_problem(argv: list[str]) -> str | None:
 def hydra_main(cfg: DictConfig) -> float | None:
     """Thin: resolve the run dir, run, return cfg.sweep.objective (what a sweep optimizes).
     In a multirun sweep a failed job returns None (its MLflow run is FAILED) and the sweep goes on."""
-    from finetune.tracking.sweep import in_multirun, objective_value
+    from finetune.tracking import in_multirun, objective_value
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = in_multirun()
@@ -255,7 +269,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             return None
         sys.exit(e.exit_code)
     except KeyboardInterrupt as e:   # Ctrl-C or SIGTERM: the run is marked KILLED, no traceback
-        name, code = signals.exit_code(e)
+        name, code = exit_code(e)
         print(f"finetune: interrupted by {name}; run {run_dir} marked KILLED", file=sys.stderr)
         sys.exit(code)
     except Exception:

@@ -117,7 +117,7 @@ def test_best_run_is_the_child_with_the_highest_mc_accuracy(grid):
 
 def test_report_on_a_real_run_dir(grid):
     """write_report on a sweep job's own files: the CSV's numbers are summary.json's."""
-    from finetune.tracking.report import write_report
+    from finetune.tracking.run_report import write_report
     from finetune.tracking.tracker import Tracker
 
     run_dir = grid[0] / "grid" / "0"

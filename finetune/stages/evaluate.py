@@ -8,24 +8,27 @@ import json
 import logging
 
 from finetune import rundir
-from finetune.data.prepared import dataset_squad, load_questions
-from finetune.data.squad import first_per_paragraph, load_squad, squad_prompt_ids
+from finetune.data import dataset_squad, first_per_paragraph, load_questions, load_squad, squad_prompt_ids
 from finetune.errors import DataError, ModelError
-from finetune.evaluation import metrics
-from finetune.evaluation.metrics import contest_score, select_best
-from finetune.evaluation.scoring import (
+from finetune.evaluation import (
+    SQUAD_METRICS,
+    accuracy,
     build_eval_prompts,
     choose,
+    contest_score,
     generated_choices,
     letter_logits,
     letter_token_ids,
+    macro_accuracy,
+    per_subject_accuracy,
     probabilities_row,
+    retention,
+    score_squad_records,
+    select_best,
+    squad_predictions,
 )
-from finetune.evaluation.squad import retention, squad_predictions
-from finetune.model.adapter import adapter_path, load_adapter
-from finetune.model.llama import count_params, param_summary
-from finetune.model.lora import apply_lora, with_adapter
-from finetune.training.checkpoints import read_index
+from finetune.model import adapter_path, apply_lora, count_params, load_adapter, param_summary, with_adapter
+from finetune.training import read_index
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,8 @@ def evaluate(ctx) -> dict:
                                    tok.pad_id, mc_stats)
             preds, probs = choose(logits)
         scored = [p or "" for p in preds]
-        return {"accuracy": metrics.accuracy(scored, answers),
-                "per_subject": metrics.per_subject_accuracy(subjects, scored, answers),
+        return {"accuracy": accuracy(scored, answers),
+                "per_subject": per_subject_accuracy(subjects, scored, answers),
                 "predictions": preds, "probabilities": probs, "texts": texts,
                 "unparsed": sum(p is None for p in preds)}
 
@@ -97,7 +100,7 @@ def evaluate(ctx) -> dict:
     if cfg.eval.base:
         base = score_mc(net)
         result.update(mc_accuracy_base=base["accuracy"], per_subject_accuracy_base=base["per_subject"],
-                      mc_accuracy_macro_base=metrics.macro_accuracy(base["per_subject"]))
+                      mc_accuracy_macro_base=macro_accuracy(base["per_subject"]))
         if generate:
             result["mc_unparsed_base"] = base["unparsed"]
         log.info("base model: accuracy %.4f on %d questions", base["accuracy"], len(questions))
@@ -109,7 +112,7 @@ def evaluate(ctx) -> dict:
         load_adapter(net, adapter)
         tuned = score_mc(net)
         result.update(mc_accuracy=tuned["accuracy"], per_subject_accuracy=tuned["per_subject"],
-                      mc_accuracy_macro=metrics.macro_accuracy(tuned["per_subject"]), evaluated_adapter=str(adapter))
+                      mc_accuracy_macro=macro_accuracy(tuned["per_subject"]), evaluated_adapter=str(adapter))
         log.info("base + adapter: accuracy %.4f", tuned["accuracy"])
         if generate:
             result["mc_unparsed"] = tuned["unparsed"]
@@ -126,7 +129,7 @@ def evaluate(ctx) -> dict:
                     "mc_accuracy is the base model's", adapter)
         net = apply_lora(net, cfg.lora, cfg.seed)   # only to count what LoRA would train
         result.update(mc_accuracy=base["accuracy"], per_subject_accuracy=base["per_subject"],
-                      mc_accuracy_macro=metrics.macro_accuracy(base["per_subject"]), evaluated_adapter=None)
+                      mc_accuracy_macro=macro_accuracy(base["per_subject"]), evaluated_adapter=None)
     result.update(param_summary(count_params(net)))
 
     if cfg.eval.checkpoints:
@@ -160,10 +163,10 @@ def evaluate(ctx) -> dict:
 def score_squad(records: list[dict], preds: dict[str, str], scfg, tag: str) -> dict:
     """{"exact_match", "f1"} under eval.squad.metric (official for `both`), and with `both` every
     metric's figures as exact_match_<metric> / f1_<metric>."""
-    names = list(metrics.SQUAD_METRICS) if scfg.metric == "both" else [str(scfg.metric)]
+    names = list(SQUAD_METRICS) if scfg.metric == "both" else [str(scfg.metric)]
     scores = {}
     for name in names:
-        s = metrics.score_squad_records(records, preds, name, str(scfg.gold))
+        s = score_squad_records(records, preds, name, str(scfg.gold))
         scores.update({f"exact_match_{name}": s["exact_match"], f"f1_{name}": s["f1"]})
         log.info("SQuAD%s (%s): EM %.2f F1 %.2f on %d questions", tag, name, s["exact_match"], s["f1"], len(records))
     primary = names[0]

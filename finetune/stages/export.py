@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from finetune import rundir
-from finetune.config.hf_config import is_hf_dir
+from finetune.config import is_hf_dir
 from finetune.errors import ModelError
-from finetune.model.adapter import (
+from finetune.model import (
     MERGED_KEY_HF,
     MERGED_META,
     adapter_path,
@@ -30,10 +30,10 @@ from finetune.model.adapter import (
     merge_lora,
     merged_marker,
     read_adapter,
+    read_checkpoint,
     refuse_merged_base,
+    to_hf,
 )
-from finetune.model.checkpoint import read_checkpoint
-from finetune.model.layout import to_hf
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def bpe_tokenizer_json(ranks: dict[bytes, int], specials: list[str], pattern: st
 
 def tokenizer_files(tok_cfg, tok, seq_length: int) -> dict[str, bytes]:
     """Tokenizer files for the export folder, from the tokenizer the model was trained with."""
-    from finetune.data.tokenizer import PAT_STR, builtin_ranks, read_tiktoken_file
+    from finetune.data import PAT_STR, builtin_ranks, read_tiktoken_file
 
     def piece(i: int) -> str:
         return tok.sp.id_to_piece(i)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from finetune import rundir
 from finetune.errors import ModelError
-from finetune.model.adapter import (
+from finetune.model import (
     adapter_path,
     base_tensors,
     merge_lora,
@@ -52,6 +52,6 @@ def merge(ctx) -> dict:
     ctx.tracker.set_tags({**tags, "lora_scaling": scaling})
     out = {"merged": str(run_dir / rundir.MERGED), "merged_checkpoints": len(jobs) - 1, "lora_scaling": scaling}
     # ... but the merged model is logged as an MLflow model (tracking.log_model), which copies it
-    from finetune.tracking.logged_model import log_merged_model
+    from finetune.tracking import log_merged_model
 
     return {**out, **log_merged_model(ctx, run_dir / rundir.MERGED)}

@@ -16,11 +16,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from finetune import rundir
-from finetune.config.schema import Config
+from finetune.config import Config
 from finetune.errors import ConfigError
-from finetune.model.layout import NORMS, dense_layers, module_param_counts
-from finetune.runtime.launch import msrun_command, world_size
-from finetune.runtime.redact import redact
+from finetune.model import NORMS, dense_layers, module_param_counts
+from finetune.runtime import msrun_command, redact, world_size
 
 # MindSpore reads max_device_memory="58GB" as 58 x 2^30 bytes (kGBToByte = 1024 << 20 in its
 # runtime), so every memory figure here is in that unit, to compare like with like.
@@ -145,7 +144,7 @@ def missing_files(cfg) -> list[str]:
 def resolve_vocab(model_cfg) -> tuple[int | None, str]:
     """(vocab size or None, where it came from): model.vocab_size, else the tokenizer's if its
     file exists (the built-in demo encoding needs none)."""
-    from finetune.data.tokenizer import TokenizerError, load_tokenizer
+    from finetune.data import TokenizerError, load_tokenizer
 
     if model_cfg.vocab_size:
         return model_cfg.vocab_size, "model.vocab_size"
@@ -180,7 +179,7 @@ def run_command(cfg, run_dir: Path, overrides: list[str]) -> list[str]:
 
 def power_of_two_lengths(seq_length: int) -> list[int]:
     """Every input length batches.eval_bucket can give up to seq_length: 64, 128, ... and seq_length."""
-    from finetune.data.batches import eval_bucket
+    from finetune.data import eval_bucket
 
     return sorted({eval_bucket(1 << n, seq_length) for n in range(seq_length.bit_length() + 1)})
 
@@ -195,8 +194,7 @@ def compiled_graphs(cfg, prepared: Path | None, tok) -> dict[str, dict]:
     letter scoring at the power-of-two lengths its prompt batches need; greedy generation (SQuAD,
     eval.mc.method=generate) a prefill and a one-token step graph per cache length. predict: as
     evaluate's letter scoring on its input."""
-    from finetune.data.batches import bucket, eval_buckets, row_lengths
-    from finetune.data.prepared import dataset_squad
+    from finetune.data import bucket, dataset_squad, eval_buckets, row_lengths
 
     seq = cfg.model.seq_length
     # the stages the real run has: a plan-only run stands for the default ones (plan.run_command)
@@ -208,8 +206,7 @@ def compiled_graphs(cfg, prepared: Path | None, tok) -> dict[str, dict]:
         if cfg.train.packing:
             out["train"] = {"graphs": per_step, "exact": True, "lengths": [seq]}
         elif prepared is not None:
-            from finetune.data.mindrecord import read_shards
-            from finetune.data.prepared import TRAIN_RECORDS
+            from finetune.data import TRAIN_RECORDS, read_shards
 
             ids, _ = read_shards(prepared / TRAIN_RECORDS, cfg.parallel.data_parallel, 0)
             b = cfg.train.batch_size
@@ -223,8 +220,8 @@ def compiled_graphs(cfg, prepared: Path | None, tok) -> dict[str, dict]:
     if "evaluate" in stages or "predict" in stages:
         mc = None
         if prepared is not None and not generate_mc:
-            from finetune.data.prepared import load_questions
-            from finetune.evaluation.scoring import build_eval_prompts
+            from finetune.data import load_questions
+            from finetune.evaluation import build_eval_prompts
 
             questions = load_questions(prepared, "eval")
             if cfg.eval.limit is not None:

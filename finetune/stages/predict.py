@@ -19,16 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from finetune import rundir
-from finetune.data.inputs import is_multiple_choice, read_predict_input
-from finetune.data.prepared import alpaca_file
-from finetune.data.records import LETTERS
-from finetune.evaluation.scoring import choose, generated_choices, letter_logits, letter_token_ids, probabilities_row
-from finetune.evaluation.squad import answer_text
+from finetune.data import LETTERS, alpaca_file, is_multiple_choice, read_predict_input
+from finetune.evaluation import (
+    answer_text,
+    choose,
+    generated_choices,
+    letter_logits,
+    letter_token_ids,
+    probabilities_row,
+)
 from finetune.files import write_text
-from finetune.model.adapter import adapter_path
-from finetune.model.generate import greedy_generate
-from finetune.model.llama import load_model
-from finetune.model.lora import with_adapter
+from finetune.model import adapter_path, greedy_generate, load_model, with_adapter
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from finetune.data.prepared import load_meta
+from finetune.data import load_meta
 
 log = logging.getLogger(__name__)
 

@@ -5,23 +5,23 @@ import logging
 from pathlib import Path
 
 from finetune import rundir
-from finetune.data.mindrecord import read_all_shards, read_shards
-from finetune.data.packing import pack, pad_fraction, rows_per_step
-from finetune.data.prepared import TRAIN_RECORDS
-from finetune.model.adapter import load_adapter, save_adapter
-from finetune.model.checkpoint import save_checkpoint
-from finetune.model.llama import count_params, param_summary
-from finetune.model.lora import apply_lora
-from finetune.training.checkpoints import (
+from finetune.data import TRAIN_RECORDS, pack, pad_fraction, read_all_shards, read_shards, rows_per_step
+from finetune.model import apply_lora, count_params, load_adapter, param_summary, save_adapter, save_checkpoint
+from finetune.training import (
+    Schedule,
+    TrainingJob,
     add_to_index,
     check_fresh_run_dir,
+    packed_feed,
+    read_rows,
     resume_point,
+    row_feed,
+    run_steps,
     save_steps,
+    total_steps,
     training_settings,
     write_run_record,
 )
-from finetune.training.loop import Schedule, TrainingJob, packed_feed, row_feed, run_steps, total_steps
-from finetune.training.train_log import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def train(ctx) -> dict:
 
     during, best_file = None, run_dir / rundir.BEST_ADAPTER
     if cfg.eval.every_n_steps:
-        from finetune.training.during import DuringTraining
+        from finetune.training import DuringTraining
 
         during = DuringTraining(ctx, net, cfg.train.batch_size)
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from finetune.config.schema import TrainConfig
 from finetune.data.batches import batch_inputs, labelled_per_row
 from finetune.data.packing import PackedRows, step_inputs
 from finetune.data.packing import labelled_per_row as packed_labels_per_row
@@ -42,7 +43,7 @@ class Schedule:
     shuffle: bool = True
     # Under dynamic loss scaling, a non-finite step is an overflow: skipped, the scale halved. This
     # many in a row means the run diverged, not the scale. Without loss scaling: the first one.
-    max_nonfinite_steps: int = 8
+    max_nonfinite_steps: int = TrainConfig.max_nonfinite_steps
 
 
 @dataclass(frozen=True)
