@@ -76,8 +76,6 @@ def with_adapter(net, path, lora_cfg, given: frozenset[str], seed: int, what: st
     `lora.*` override is an error) and load the adapter's weights into it. load=False: every
     lora_b stays zero, so the network computes exactly the base model (bit for bit: W x + 0) with
     the graphs the adapter will use (evaluate scores the base this way: one compile, not two)."""
-    import mindspore as ms
-
     from finetune.model.adapter import load_adapter, lora_settings, read_adapter
 
     _, meta = read_adapter(path, what)
@@ -85,7 +83,26 @@ def with_adapter(net, path, lora_cfg, given: frozenset[str], seed: int, what: st
     if load:
         load_adapter(net, path, what)
     else:
-        for name, p in adapter_params(net):
-            if "lora_b" in name:
-                p.set_data(ms.Tensor(np.zeros(p.shape, np.float32), p.dtype))
+        zero_lora_b(net)
     return net
+
+
+def zero_lora_b(net) -> dict[str, np.ndarray]:
+    """Set every lora_b to zero, so the network computes the base model exactly (W x + 0);
+    returns the values it had, for restore_lora_b."""
+    import mindspore as ms
+
+    saved = {}
+    for name, p in adapter_params(net):
+        if "lora_b" in name:
+            saved[name] = p.asnumpy().copy()
+            p.set_data(ms.Tensor(np.zeros(p.shape, np.float32), p.dtype))
+    return saved
+
+
+def restore_lora_b(net, saved: dict[str, np.ndarray]) -> None:
+    import mindspore as ms
+
+    for name, p in adapter_params(net):
+        if name in saved:
+            p.set_data(ms.Tensor(saved[name], p.dtype))

@@ -104,22 +104,18 @@ class DuringTraining:
 
     def _base_loss(self) -> float:
         """The loss with every lora_b zero (the base model), the adapter's values put back after."""
-        import mindspore as ms
+        from finetune.model.lora import restore_lora_b, zero_lora_b
 
-        saved = {p.name: p.data.asnumpy().copy() for p in self.net.get_parameters() if "lora_b" in p.name}
-        for p in self.net.get_parameters():
-            if p.name in saved:
-                p.set_data(ms.Tensor(np.zeros_like(saved[p.name])))
+        saved = zero_lora_b(self.net)
         self.net.set_train(False)
         try:
             return self._general_loss()
         finally:
-            for p in self.net.get_parameters():
-                if p.name in saved:
-                    p.set_data(ms.Tensor(saved[p.name]))
+            restore_lora_b(self.net, saved)
             self.net.set_train(True)
 
     def measure(self, step: int) -> dict:
+        from finetune.evaluation.metrics import accuracy
         from finetune.evaluation.scoring import choose, letter_logits
 
         t0 = time.perf_counter()
@@ -128,7 +124,7 @@ class DuringTraining:
             logits = letter_logits(self.net, self.prompts, self.letter_ids, self.batch_size,
                                    self.cfg.model.seq_length, self.tok.pad_id)
             preds, _ = choose(logits)
-            out = {"during_mc_accuracy": float(np.mean([p == a for p, a in zip(preds, self.answers)]))}
+            out = {"during_mc_accuracy": accuracy(preds, self.answers)}
             if self.rows is not None:
                 out["during_general_loss_delta"] = self._general_loss() - self.base_loss
         finally:
