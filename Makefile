@@ -1,4 +1,5 @@
-# Two commands: `make run` (set up .venv, run the default job) and `make test` (set up, run tests).
+# Two commands: `make run` (set up .venv, run the default job) and `make test` (set up, run tests;
+# `make test-fast`: the in-process tier only; `make test-shuffled SEED=N`: in a shuffled order).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: run test bench bench-train bench-venv ui mlflow-server clean-outputs
+.PHONY: run test test-fast test-shuffled bench bench-train bench-venv ui mlflow-server clean-outputs
 
 # Re-install when pyproject.toml changes. Needs the package index only (no other network).
 $(STAMP): pyproject.toml
@@ -24,6 +25,21 @@ run: $(STAMP)
 # .venv-bench too: tests/test_bench_smoke.py runs the benchmarks' PyTorch side.
 test: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
+
+# The fast in-process tier (~2 min): no `finetune` subprocess, no msrun, no MLflow server, no other
+# Python (marked `process`; tests/helpers.py fails an unmarked test that starts one), and no
+# MindSpore model (marked `slow`: the tests that compile graphs, minutes together).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10 -m "not process and not slow" $(PYTEST_ARGS)
+
+# Everything in an order shuffled by pytest-randomly (modules, and tests within each module), from
+# SEED (random if not given; printed before and after, so a failing order can be run again).
+# `make test-shuffled SEED=123 PYTEST_ARGS='-m "not process"'` shuffles the in-process tests only.
+test-shuffled: $(STAMP) $(BENCH_STAMP)
+	@seed=$(if $(SEED),$(SEED),$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')); \
+	echo "test order shuffled with SEED=$$seed"; \
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -p randomly --randomly-seed=$$seed $(PYTEST_ARGS); \
+	status=$$?; echo "test order was shuffled with SEED=$$seed (again: make test-shuffled SEED=$$seed)"; exit $$status
 
 # Benchmarks (minutes, not in `make test`; see BENCHMARKS.md): the tool vs PyTorch + PEFT on MMLU rows,
 # MFU, multiple-choice evaluation, decode, data preparation -> bench/results/*.json + BENCHMARKS.md.

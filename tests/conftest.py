@@ -10,6 +10,10 @@
   resume and data-parallel tests compare against, also built once per session.
 - `run_finetune` / `start_finetune`: the `finetune` command as a subprocess in its own process
   group, killed with everything it started (msrun workers) if the test fails or times out.
+- The tiers (helpers.py): a test that starts a process is marked `process`, one that runs MindSpore
+  models `slow`; the users of a fixture in helpers.PROCESS_FIXTURES / SLOW_FIXTURES are marked
+  here. `make test-fast` deselects both.
+- Order: LONGEST_FIRST below, unless pytest-randomly shuffles (`make test-shuffled SEED=...`).
 """
 import finetune  # noqa: F401  (first: it selects the protobuf backend MindSpore needs, before MLflow or Hydra load protobuf)
 
@@ -19,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REFERENCE, REPO, built_once, compose, run_finetune, shared_path, with_cache
+import helpers
+from helpers import (PROCESS_FIXTURES, PROCESS_MARK, REFERENCE, REPO, SLOW_FIXTURES, SLOW_MARK, built_once, compose,
+                     run_finetune, shared_path, with_cache)
 
 
 @pytest.fixture(scope="session")
@@ -108,9 +114,23 @@ def reference_run(shared_tmp, quick_cache, new_store) -> Path:
 # order, a new one to whichever worker is free. Longest first (measured: minutes each), so that no
 # worker is left alone with a long module at the end.
 LONGEST_FIRST = ("test_pipeline", "test_parallel", "test_sweep", "test_server", "test_resume", "test_train_eval",
-                 "test_hf_import", "test_health", "test_bench_smoke", "test_merge_export", "test_concurrency")
+                 "test_hf_import", "test_run_options", "test_health", "test_bench_smoke", "test_merge_export",
+                 "test_concurrency")
 
 
+@pytest.hookimpl(tryfirst=True)   # before the -m selection, which reads the marks
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES & set(item.fixturenames):
+            item.add_marker(PROCESS_MARK)
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(SLOW_MARK)
+    if config.pluginmanager.hasplugin("randomly") and config.getoption("randomly_reorganize", False):
+        return   # shuffled (pytest-randomly ran first): keep its order
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
+
+
+@pytest.hookimpl(tryfirst=True)   # before the test's fixtures are set up: they may start processes
+def pytest_runtest_setup(item):
+    helpers.Running.item = item

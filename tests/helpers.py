@@ -1,5 +1,7 @@
 """What tests share besides fixtures (those are in conftest.py): paths, the quick demo overrides,
-composing the real conf/, running `finetune` as a subprocess in its own process group."""
+composing the real conf/, running `finetune` as a subprocess in its own process group, and the
+tiers (marks `process` and `slow`, both left out by `make test-fast`): every process a test starts
+goes through spawn() / run_process() here, which fail a test that is not marked `process`."""
 import os
 import signal
 import socket
@@ -61,9 +63,59 @@ def resolved(overrides=()):
 
 
 def free_port() -> int:
+    """A loopback TCP port nobody listens on now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------- tiers
+# `make test` runs everything; `make test-fast` (-m "not process and not slow", ~2 min) only tests
+# that stay in the pytest process and compile no MindSpore graph.
+# - `process`: the test starts a process of its own (the `finetune` command, msrun, an MLflow
+#   server, another Python): marked by hand, or by conftest when it uses a fixture that starts one
+#   (PROCESS_FIXTURES). Every such start goes through spawn() or run_process(), which fail the test
+#   being set up or run if it is not marked, in either tier: a forgotten mark cannot slip a
+#   subprocess into the fast tier.
+# - `slow`: the test builds and runs MindSpore models (tens of seconds each on 2 CPU cores, most of
+#   it graph compilation): marked by conftest when it uses a fixture in SLOW_FIXTURES (every test
+#   that builds a model takes `ms_cpu`, the MindSpore context), or by hand.
+PROCESS_MARK = "process"
+SLOW_MARK = "slow"
+# Fixtures that start processes (conftest's `finetune` jobs, test_server's MLflow server): a test
+# that uses one, directly or through another fixture, is marked `process` by conftest.
+PROCESS_FIXTURES = frozenset({"quick_cache", "reference_run", "server"})
+SLOW_FIXTURES = frozenset({"ms_cpu"})
+
+
+class Running:
+    """The test pytest is setting up, running or tearing down (set by conftest.pytest_runtest_setup);
+    None outside a test."""
+    item = None
+
+
+def check_may_start(what: str) -> None:
+    item = Running.item
+    if item is not None and item.get_closest_marker(PROCESS_MARK) is None:
+        pytest.fail(f"{item.nodeid} starts {what} but is not marked @pytest.mark.{PROCESS_MARK}: mark it (or the "
+                    f"fixture that starts it: helpers.PROCESS_FIXTURES) so that `make test-fast` leaves it out",
+                    pytrace=False)
+
+
+def _what(cmd) -> str:
+    return " ".join(Path(str(c)).name if i == 0 else str(c) for i, c in enumerate(list(cmd)[:3]))
+
+
+def spawn(cmd, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen(cmd, **kwargs) for a test marked `process` (else the test fails, saying so)."""
+    check_may_start(_what(cmd))
+    return subprocess.Popen(cmd, **kwargs)
+
+
+def run_process(cmd, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, **kwargs) for a test marked `process` (else the test fails, saying so)."""
+    check_may_start(_what(cmd))
+    return subprocess.run(cmd, **kwargs)
 
 
 def finetune_cmd(root: Path, run: str, args=(), quick: bool = True) -> list[str]:
@@ -83,10 +135,11 @@ def kill_group(proc: subprocess.Popen) -> None:
 def start_finetune(root: Path, run: str, args=(), quick: bool = True) -> subprocess.Popen:
     """`finetune` in the background, in its own process group; its stdout and stderr go to files
     (root/<run>.out, .err: a pipe nobody reads would stall it), read back with `output(proc)`."""
+    check_may_start("finetune")   # before its files are made
     out, err = Path(root) / f"{run}.out", Path(root) / f"{run}.err"
     with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen(finetune_cmd(root, run, args, quick), cwd=root, text=True, start_new_session=True,
-                                stdout=o, stderr=e)
+        proc = spawn(finetune_cmd(root, run, args, quick), cwd=root, text=True, start_new_session=True,
+                     stdout=o, stderr=e)
     proc.out_path, proc.err_path = out, err
     return proc
 

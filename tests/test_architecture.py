@@ -3,11 +3,12 @@ inside functions), no cycles, stages never import stages, the import graph stays
 module imports on its own in a fresh interpreter."""
 import ast
 import functools
-import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO
+import pytest
+
+from helpers import REPO, run_process
 
 PACKAGE = REPO / "finetune"
 # Lower first: a module may import its own subpackage and any subpackage before it, nothing after.
@@ -154,6 +155,7 @@ def test_the_rules_catch_a_violation(tmp_path):
     assert "finetune.data.records" in reach
 
 
+@pytest.mark.process
 def test_every_module_imports_alone():
     names = [n for n in modules() if not n.endswith("__main__")]
     script = ("import subprocess, sys\n"
@@ -162,7 +164,7 @@ def test_every_module_imports_alone():
               "    p = subprocess.run([sys.executable, '-c', 'import ' + name], capture_output=True, text=True)\n"
               "    if p.returncode: bad.append((name, p.stderr.strip().splitlines()[-1:]))\n"
               "print(bad)\n")
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    p = run_process([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert p.stdout.strip() == "[]", p.stdout + p.stderr[-2000:]
 
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from helpers import IN_CI, REPO, shared_path
+from helpers import IN_CI, REPO, shared_path, spawn
 
 # Per benchmark: the keys that must hold positive numbers (train: in every size).
 TRAIN_KEYS = ("tool_tokens_per_s", "peft_tokens_per_s", "ratio_vs_peft", "tool_peak_rss_gb", "peft_peak_rss_gb",
@@ -32,6 +32,7 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.process
 def test_every_benchmark_writes_its_json(tmp_path):
     for part in (("data", "mmlu"), ("data", "cmmlu"), ("tokenizers", "cl100k_base.tiktoken"),
                  ("models", "stories260K-hf")):
@@ -44,8 +45,8 @@ def test_every_benchmark_writes_its_json(tmp_path):
         pytest.skip(message)
     out, work = tmp_path / "results", tmp_path / "work"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "all", "--smoke", "--out", str(out), "--work", str(work)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = spawn([sys.executable, "-m", "bench", "all", "--smoke", "--out", str(out), "--work", str(work)],
+                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         log, _ = proc.communicate(timeout=300)
     finally:
@@ -70,6 +71,8 @@ def test_every_benchmark_writes_its_json(tmp_path):
     assert all(positive(v) for v in ev["examples_per_s"].values()) and len(ev["examples_per_s"]) == 2
     assert ev["max_abs_logit_diff_across_lengths"] < 1e-4   # padding beyond a prompt changes nothing
     dec = json.loads((out / "decode.json").read_text())
-    assert dec["cache"] == "not available" or (positive(dec["cache_tokens_per_s"]) and dec["same_tokens"])
+    # greedy_generate has the KV cache: both paths measured, and the cached one gives the very same tokens
+    assert dec["cache"] == "available" and dec["same_tokens"] is True, dec
+    assert positive(dec["cache_tokens_per_s"]) and positive(dec["cache_seconds"]) and positive(dec["new_tokens"])
     prep = json.loads((out / "prepare.json").read_text())
     assert all(positive(prep[d]["seconds"]) and positive(prep[d]["peak_rss_gb"]) for d in ("mmlu", "cmmlu"))

@@ -4,6 +4,7 @@ reading one prepared-data folder and one base checkpoint that none of them delet
 import json
 import time
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from finetune.tracking.store import default_uri
@@ -14,6 +15,7 @@ from helpers import kill_group, output, start_finetune
 ARGS = ["model.pretrain.epochs=0", "stages=[prepare]"]
 
 
+@pytest.mark.process
 def test_three_jobs_at_once_on_a_fresh_output_root(tmp_path):
     procs = [start_finetune(tmp_path, f"job{i}", ARGS) for i in range(3)]
     try:

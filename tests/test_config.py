@@ -21,6 +21,7 @@ import finetune.config.schema
 from finetune.config.checks import resolve
 from finetune.data.inputs import check_input_files
 from finetune.errors import ConfigError
+from helpers import run_process
 
 validate = resolve   # compose -> resolve + every cross-key check (what `finetune` runs at start-up)
 
@@ -240,17 +241,25 @@ def test_validate_accepts_any_stage_subset():
 def _cli(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}   # Hydra's short error form
     t0 = time.monotonic()
-    proc = subprocess.run([str(FINETUNE_BIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_process([str(FINETUNE_BIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     return proc, time.monotonic() - t0
 
 
+@pytest.mark.process
 def test_cli_unknown_key_fails_fast(tmp_path):
+    """A key the schema does not have: Hydra's own error (exit 1), naming the override and the key
+    (README: `Could not override 'lora.rnak'. ... Key 'rnak' not in 'LoraConfig'`), no traceback,
+    nothing written."""
     proc, seconds = _cli(["lora.rnak=4", f"output_root={tmp_path}"], tmp_path)
-    assert proc.returncode != 0
-    assert "rnak" in proc.stderr + proc.stdout
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0] == "Could not override 'lora.rnak'." and "Key 'rnak' not in 'LoraConfig'" in lines, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []                   # no run dir, no store
     assert seconds < 30, f"took {seconds:.1f}s: it should fail at composition, before any heavy work"
 
 
+@pytest.mark.process
 def test_cli_config_error_is_one_line_exit_2(tmp_path):
     proc, seconds = _cli(["train.epochs=0", f"output_root={tmp_path}", f"hydra.run.dir={tmp_path}/r"], tmp_path)
     assert proc.returncode == 2, proc.stderr
@@ -304,6 +313,7 @@ def test_parallel_micro_batch_num_is_gone():
         _compose(["parallel.micro_batch_num=2"])
 
 
+@pytest.mark.process
 def test_cli_help_and_cfg_job(tmp_path):
     """`finetune --help` lists the groups; `finetune --cfg job` prints the composed config."""
     proc, _ = _cli(["--help"], tmp_path)
@@ -385,6 +395,7 @@ def test_bad_input_file_contents_fail_at_start_up(tmp_path):
         resolve(_compose(["dataset.encoding=latin-9x"]))
 
 
+@pytest.mark.process
 def test_output_folders_in_the_way_of_a_file_are_one_line(tmp_path):
     """Hydra creates the run dir itself and would stop with a traceback; `finetune` checks first."""
     from finetune.app import output_path_problem

@@ -25,7 +25,7 @@ from finetune.stages.merge import merge
 from finetune.tracking.store import default_uri
 from finetune.tracking.tracker import Tracker
 from finetune.training.base import resolve_base
-from helpers import resolved, shared_path
+from helpers import resolved, shared_path, spawn
 
 
 def context(cfg, run_dir, base, tok, tracker=None, given=frozenset()):
@@ -110,14 +110,9 @@ def tiny(ms_cpu, tmp_path_factory, new_store):
     tracker = Tracker(default_uri(root), "merge-test", "merge", artifact_root=root / "art")
     result = merge(context(merge_cfg, run_dir, base_ckpt, tok, tracker))
     tracker.end("FINISHED")
-    # Started now, so that it runs while this process compiles its own graphs (2 cores).
-    fresh = start_fresh_process(merge_cfg, run_dir / "merged.ckpt", x, root / "fresh")
-    yield SimpleNamespace(root=root, cfg=merge_cfg, common=common, tok=tok, run_dir=run_dir, x=x, base=base,
-                          adapter=adapter, tuned_logits=tuned_logits, result=result, tracker=tracker, fresh=fresh,
-                          base_ckpt=base_ckpt)
-    if fresh.poll() is None:
-        fresh.kill()
-        fresh.wait()
+    return SimpleNamespace(root=root, cfg=merge_cfg, common=common, tok=tok, run_dir=run_dir, x=x, base=base,
+                           adapter=adapter, tuned_logits=tuned_logits, result=result, tracker=tracker,
+                           base_ckpt=base_ckpt)
 
 
 FRESH_SCRIPT = """
@@ -142,9 +137,9 @@ def start_fresh_process(cfg, checkpoint, x, folder):
     OmegaConf.save(cfg, folder / "cfg.yaml")
     np.save(folder / "x.npy", x)
     env = {**os.environ, "LOCAL_DEFAULT_PATH": str(folder / "mindformers")}
-    return subprocess.Popen([sys.executable, "-c", FRESH_SCRIPT, str(folder / "cfg.yaml"), str(checkpoint),
-                             str(folder / "x.npy"), str(folder / "out.npy")],
-                            cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return spawn([sys.executable, "-c", FRESH_SCRIPT, str(folder / "cfg.yaml"), str(checkpoint),
+                  str(folder / "x.npy"), str(folder / "out.npy")],
+                 cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
@@ -201,10 +196,21 @@ def test_merge_all_merges_each_step_checkpoint(tiny):
                                rtol=0, atol=1e-7)
 
 
-def test_merged_checkpoint_in_a_fresh_process(tiny, probe):
+@pytest.fixture
+def fresh(tiny):
+    """Another Python process that loads the merged checkpoint and saves its logits."""
+    proc = start_fresh_process(tiny.cfg, tiny.run_dir / "merged.ckpt", tiny.x, tiny.root / "fresh")
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.process
+def test_merged_checkpoint_in_a_fresh_process(tiny, fresh, probe):
     """Same logits from merged.ckpt loaded by another Python process."""
-    _, err = tiny.fresh.communicate(timeout=300)
-    assert tiny.fresh.returncode == 0, err[-3000:]
+    _, err = fresh.communicate(timeout=300)
+    assert fresh.returncode == 0, err[-3000:]
     out = np.load(tiny.root / "fresh" / "out.npy")
     np.testing.assert_allclose(out, probe(tiny.run_dir / "merged.ckpt"), rtol=0, atol=1e-6)
     assert np.abs(out - tiny.tuned_logits).max() < 1e-5

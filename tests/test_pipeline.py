@@ -1,5 +1,7 @@
 """The `finetune` command end to end (subprocess), recorded in a real MLflow SQLite store."""
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,7 +9,10 @@ import pytest
 from helpers import run_finetune
 
 # the pipeline's own settings, on top of conftest.QUICK
-ARGS = ["train.max_steps=4", "eval.limit=12", "dataset.demo.squad_questions=10", "eval.squad.max_new_tokens=4",
+# 13 eval questions: the demo's eval split in order is 8 `kind` questions, then `use`, then `place`
+# (2 of each answer letter per subject): 8 + 5, two subjects of unequal size
+EVAL = 13
+ARGS = ["train.max_steps=4", f"eval.limit={EVAL}", "dataset.demo.squad_questions=10", "eval.squad.max_new_tokens=4",
         "dataset.demo.general_reading=12", "tracking.register_model=demo-mc", "eval.every_n_steps=2",
         "train.early_stopping.metric=during_mc_accuracy", "train.early_stopping.patience=1"]
 LETTERS = ("A", "B", "C", "D")
@@ -17,6 +22,16 @@ SQUAD_KEYS = ("squad_f1", "squad_em", "squad_f1_base", "squad_em_base", "squad_r
 
 def _run(args, root, run="run"):
     return run_finetune(root, run, ARGS + list(args), timeout=600)
+
+
+def _copy_of_run(tmp: Path, name: str) -> Path:
+    """A copy of the fixture's run dir for a test that runs stages in it again (the other tests read
+    the fixture's own files, in any order)."""
+    return shutil.copytree(tmp / "run", tmp / name, symlinks=True)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="session")   # session: xdist may interleave modules of one group
@@ -37,11 +52,14 @@ def test_summary_has_every_figure(pipeline):
     assert s["trainable_params"] == 28672
     assert s["trainable_ratio_pct"] == pytest.approx(100 * 28672 / s["total_params"])
     assert s["trainable_ratio_pct_with_adapter"] == pytest.approx(100 * 28672 / (s["total_params"] + 28672))
-    assert s["train_steps"] == 4 and s["eval_questions"] == 12
+    assert s["train_steps"] == 4 and s["eval_questions"] == EVAL
     assert s["train_questions"] == 96 and s["general_examples"] == 12        # dataset.demo.general_reading
-    assert set(s["per_subject_accuracy"]) <= {"kind", "use", "place"}
+    rows = _rows(tmp / "run" / "eval_predictions.jsonl")
+    assert len(rows) == EVAL and [r["subject"] for r in rows] == ["kind"] * 8 + ["use"] * 5
+    assert set(s["per_subject_accuracy"]) == set(s["per_subject_accuracy_base"]) == {"kind", "use"}
+    assert s["mc_accuracy"] == pytest.approx(sum(r["prediction"] == r["answer"] for r in rows) / EVAL)
+    assert s["mc_accuracy_base"] == pytest.approx(sum(r["prediction_base"] == r["answer"] for r in rows) / EVAL)
     assert (tmp / "run" / "adapter.ckpt").is_file()
-    assert len((tmp / "run" / "eval_predictions.jsonl").read_text().splitlines()) == 12
     # the demo's own reading set (prepare writes it; evaluate scores it when eval.squad.path is null)
     for key in SQUAD_KEYS:
         assert key in s, key
@@ -62,14 +80,14 @@ def test_predict_uses_the_merged_model_and_matches_evaluate(pipeline):
     assert s["predict_model"] == str(tmp / "run" / "merged.ckpt") and Path(s["merged"]).is_file()
     evaluated = {r["id"]: r for r in map(json.loads, (tmp / "run" / "eval_predictions.jsonl").read_text().splitlines())}
     predicted = [json.loads(line) for line in (tmp / "run" / "predictions.jsonl").read_text().splitlines()]
-    assert s["predict_records"] == len(predicted) == 24          # the whole eval split (eval.limit=12 is evaluate's)
+    assert s["predict_records"] == len(predicted) == 24          # the whole eval split (eval.limit is evaluate's)
     for row in predicted:
         if row["id"] in evaluated:
             assert row["prediction"] == evaluated[row["id"]]["prediction"]
             for letter in LETTERS:
                 assert row["probabilities"][letter] == pytest.approx(evaluated[row["id"]]["probabilities"][letter],
-                                                                     abs=1e-4)
-    assert sum(r["id"] in evaluated for r in predicted) == 12
+                                                                     abs=1e-5)
+    assert sum(r["id"] in evaluated for r in predicted) == EVAL
 
 
 def test_identical_runs_with_dropout_give_identical_logs(pipeline):
@@ -89,6 +107,45 @@ def test_identical_runs_with_dropout_give_identical_logs(pipeline):
     assert set(a) == set(b)
     for name in a:
         np.testing.assert_array_equal(a[name].asnumpy(), b[name].asnumpy())
+
+
+def test_macro_accuracy_is_the_mean_over_subjects(pipeline):
+    """mc_accuracy_macro (_base): the mean of the per-subject accuracies, each recomputed from the
+    run's eval_predictions.jsonl; with subjects of unequal size it is not the overall accuracy."""
+    tmp, s = pipeline
+    rows = _rows(tmp / "run" / "eval_predictions.jsonl")
+    sizes = {}
+    for r in rows:
+        sizes[r["subject"]] = sizes.get(r["subject"], 0) + 1
+    assert sizes == {"kind": 8, "use": 5}
+    for suffix, key in (("", "prediction"), ("_base", "prediction_base")):
+        per_subject = {subject: sum(r[key] == r["answer"] for r in rows if r["subject"] == subject) / n
+                       for subject, n in sizes.items()}
+        assert s[f"per_subject_accuracy{suffix}"] == pytest.approx(per_subject)
+        assert s[f"mc_accuracy_macro{suffix}"] == pytest.approx(sum(per_subject.values()) / len(per_subject))
+    # the data tells macro from micro (subjects of unequal size and accuracy), else this checks nothing
+    assert s["mc_accuracy_macro"] != pytest.approx(s["mc_accuracy"]), s["per_subject_accuracy"]
+
+
+def test_eval_pad_fraction_is_the_padding_of_the_scored_batches(pipeline):
+    """eval_pad_fraction: the padded share of the batches the letter logits were computed on. The 13
+    questions' prompts (all under the 64-token window) go in one batch of eval.batch_size rows at
+    the smallest bucket, 64 positions: 1 - (prompt tokens) / (rows x 64)."""
+    from finetune.data.prepared import load_questions
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.evaluation.scoring import build_eval_prompts
+    from helpers import QUICK, resolved
+
+    tmp, s = pipeline
+    cfg = resolved(QUICK + ARGS + [f"output_root={tmp}"])
+    prepared = Path(s["prepared_data"])
+    prompts, stats = build_eval_prompts(load_questions(prepared, "eval")[:EVAL], load_questions(prepared, "dev"),
+                                        cfg.dataset.style, cfg.eval.num_shots, load_tokenizer("tiktoken", None),
+                                        cfg.model.seq_length)
+    lengths = [len(p) for p in prompts]
+    assert stats["eval_truncated"] == 0 and max(lengths) <= cfg.model.seq_length == 64
+    assert cfg.eval.batch_size >= EVAL and s["eval_shapes"] == 1
+    assert s["eval_pad_fraction"] == pytest.approx(1 - sum(lengths) / (cfg.eval.batch_size * 64), abs=1e-12)
 
 
 def test_cached_squad_answers_equal_uncached_decoding(pipeline, ms_cpu):
@@ -158,11 +215,12 @@ def test_mlflow_model_loads_in_a_fresh_process_and_matches_predict(pipeline):
     """The merge stage's MLflow model: `mlflow.pyfunc.load_model(uri).predict(df)` in a new Python
     process on the eval questions gives the predict stage's letters and probabilities; the run's
     final metrics are linked to it; tracking.register_model registered it with its figures."""
-    import subprocess
     import sys
 
     import pandas as pd
     from mlflow.tracking import MlflowClient
+
+    from helpers import run_process
 
     tmp, s = pipeline
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -175,7 +233,7 @@ def test_mlflow_model_loads_in_a_fresh_process_and_matches_predict(pipeline):
               f"m = mlflow.pyfunc.load_model({s['mlflow_model_uri']!r}); "
               f"m.predict(pd.read_json({str(tmp / 'model_in.json')!r}, orient='records', dtype=str))"
               f".to_json({str(tmp / 'model_out.json')!r}, orient='records')")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp)
+    proc = run_process([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = pd.read_json(tmp / "model_out.json", orient="records")
     rows = [json.loads(line) for line in (tmp / "run" / "predictions.jsonl").read_text().splitlines()]
@@ -196,16 +254,17 @@ def test_evaluate_stage_alone_reuses_the_run_dir(pipeline):
     from mlflow.tracking import MlflowClient
 
     tmp, first = pipeline
-    (tmp / "run" / "eval_predictions.jsonl").unlink()   # evaluate must write it again
+    run = _copy_of_run(tmp, "evaluate-again")
+    (run / "eval_predictions.jsonl").unlink()   # evaluate must write it again
     # lora.rank=8 (the adapter's own value) is no conflict; lora.dropout does not change the weights
     proc = _run(["stages=[evaluate]", "eval.base=false", "eval.checkpoints=true", "lora.rank=8", "lora.dropout=0.3"],
-                tmp)
+                tmp, run=run.name)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    s = json.loads((tmp / "run" / "summary.json").read_text())
+    s = json.loads((run / "summary.json").read_text())
     # this run's own figures only: evaluated again (same adapter, same questions), nothing stale
     assert s["stages"] == ["evaluate"] and s["evaluate_seconds"] > 0
     assert s["mc_accuracy"] == pytest.approx(first["mc_accuracy"])
-    assert len((tmp / "run" / "eval_predictions.jsonl").read_text().splitlines()) == 12
+    assert len((run / "eval_predictions.jsonl").read_text().splitlines()) == EVAL
     for stale in ("train_loss_first", "train_steps", "mc_accuracy_base", "predict_output", "merged"):
         assert stale not in s, stale
     assert s["mlflow_run_id"] != first["mlflow_run_id"]
@@ -242,10 +301,17 @@ def test_contest_protocol_on_the_demo(pipeline):
     assert isinstance(s["retained_absolute"], bool)
     assert s["retained_absolute"] == (s["squad_f1"] >= 53.88 and s["squad_em"] >= 31.59)
     assert 0 <= s["squad_em"] <= 100 and 0 <= s["squad_f1"] <= 100
-    # multiple choice by generation: the letter read from each greedy answer, unparsed counted
-    assert s["eval_mc_method"] == "generate" and 0 <= s["mc_unparsed"] <= 4 == s["eval_questions"]
-    rows = [json.loads(line) for line in (tmp / "contest" / "eval_predictions.jsonl").read_text().splitlines()]
-    assert all("generation" in r and r["prediction"] in ("A", "B", "C", "D", None) for r in rows)
+    # multiple choice by generation: the letter read from each greedy answer (docs/evaluation.md: "The
+    # right option is X", else the first A-D standing alone; none = unparsed, counted and wrong)
+    assert s["eval_mc_method"] == "generate" and s["eval_questions"] == 4
+    rows = _rows(tmp / "contest" / "eval_predictions.jsonl")
+    assert len(rows) == 4 and all(isinstance(r["generation"], str) for r in rows)
+    for r in rows:
+        found = (re.search(r"the right option is\s*:?\s*\(?([ABCD])(?![A-Za-z])", r["generation"], re.IGNORECASE)
+                 or re.search(r"(?<![A-Za-z])([ABCD])(?![A-Za-z])", r["generation"]))
+        assert r["prediction"] == (found.group(1) if found else None), r
+    assert s["mc_unparsed"] == sum(r["prediction"] is None for r in rows)
+    assert s["mc_unparsed_base"] == sum(r["prediction_base"] is None for r in rows)
     assert s["mc_accuracy"] == sum(r["prediction"] == r["answer"] for r in rows) / 4
     ratio = s["trainable_params"] / s["total_params"]
     assert s["contest_score"] == pytest.approx((1 - 10 * ratio) * 0.3 + s["mc_accuracy"] * 0.7)
@@ -271,6 +337,7 @@ def test_squad_retention_and_predict_stage(pipeline):
     import numpy as np
 
     tmp, first = pipeline
+    run = _copy_of_run(tmp, "squad-and-predict")
     squad = {"version": "1.1", "data": [{"title": "t", "paragraphs": [
         {"context": "she ate a juicy blickem.", "qas": [
             {"id": "q1", "question": "What did she eat?", "answers": [{"text": "a juicy blickem", "answer_start": 8}]},
@@ -281,23 +348,23 @@ def test_squad_retention_and_predict_stage(pipeline):
               {"id": "free1", "instruction": "the dog ran across the", "input": ""}]
     (tmp / "in.json").write_text(json.dumps(alpaca))
     proc = _run(["stages=[evaluate,predict]", f"eval.squad.path={tmp / 'squad.json'}",
-                         f"predict.input={tmp / 'in.json'}", "predict.format=npy", "eval.squad.max_new_tokens=4"],
-                tmp)
+                 f"predict.input={tmp / 'in.json'}", "predict.format=npy", "eval.squad.max_new_tokens=4"],
+                tmp, run=run.name)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    s = json.loads((tmp / "run" / "summary.json").read_text())
+    s = json.loads((run / "summary.json").read_text())
     for key in ("squad_f1", "squad_em", "squad_f1_base", "squad_em_base", "squad_retention_f1",
                 "squad_retention_em", "retained", "contest_score"):
         assert key in s, key
     assert s["squad_questions"] == 2
     ratio = s["trainable_params"] / s["total_params"]
     assert s["contest_score"] == pytest.approx((1 - 10 * ratio) * 0.3 + s["mc_accuracy"] * 0.7)
-    base_preds = json.loads((tmp / "run" / "squad_predictions_base.json").read_text())
+    base_preds = json.loads((run / "squad_predictions_base.json").read_text())
     assert set(base_preds) == {"q1", "q2"}
-    rows = [json.loads(line) for line in (tmp / "run" / "predictions.jsonl").read_text().splitlines()]
+    rows = _rows(run / "predictions.jsonl")
     assert [r["id"] for r in rows] == ["mc1", "free1"]
     assert rows[0]["prediction"] in LETTERS and sum(rows[0]["probabilities"].values()) == pytest.approx(1, abs=1e-4)
     assert isinstance(rows[1]["prediction"], str) and "probabilities" not in rows[1]
-    npy = np.load(tmp / "run" / "results.npy")
+    npy = np.load(run / "results.npy")
     assert npy.tolist() == ["ABCD".index(rows[0]["prediction"]), -1]
     assert s["predict_examples_per_s"] > 0
 
@@ -331,6 +398,7 @@ def test_conflicting_lora_override_is_one_line(pipeline):
                        f"lora.rank=8; drop the override (the adapter's own value is used) or evaluate another adapter")
 
 
+@pytest.mark.process
 def test_predict_on_a_real_mmlu_csv(shared, tmp_path):
     """The seed's flow ends with predicting a test file: an MMLU CSV in, one answer per row out.
     model.seq_length=192 is shorter than some of its prompts: those keep their end (the question),

@@ -6,7 +6,6 @@ MindSpore context arguments and the MindFormers LlamaConfig it produces."""
 import json
 import os
 import sqlite3
-import subprocess
 import sys
 from collections import Counter
 
@@ -25,7 +24,7 @@ from finetune.stages.plan import (
     run_command,
 )
 from finetune.tracking.tracker import Tracker
-from helpers import REPO, compose, resolved, shared_path
+from helpers import REPO, compose, resolved, run_process, shared_path
 
 INTERNLM_TOK = ("tokenizers", "internlm_v7_sft.model")
 
@@ -116,6 +115,7 @@ def test_lora_layers_follow_pet_walk():
         lora_param_count(cfg.model, compose(["lora.target_modules=.*lm_head"]).lora)   # outside pet's walk
 
 
+@pytest.mark.slow   # MindFormers' LlamaConfig: imports MindFormers (~12 s)
 def test_ascend910b_context_and_llama_config(shared):
     import mindspore as ms
 
@@ -141,6 +141,7 @@ def test_ascend910b_context_and_llama_config(shared):
         ("dynamic", 65536.0, 2.0, 1000)
 
 
+@pytest.mark.slow   # MindFormers' LlamaConfig: imports MindFormers (~12 s)
 def test_ascend910b_recompute_reaches_mindformers(shared):
     """MindFormers' Llama reads recompute from config.parallel_config.recompute (LayerSetting),
     not from a `recompute_config` attribute."""
@@ -220,6 +221,7 @@ def test_unknown_vocab_and_missing_tokenizer(tmp_path):
     assert r["plan_tokens_per_step"] == 16 * 2 * 64
 
 
+@pytest.mark.process
 def test_cli_plan_stage_end_to_end(tmp_path, new_store):
     """Needs app.py to run `plan` first and alone (no tokenizer, data or context) for stages=[plan]."""
     tok = shared_path(*INTERNLM_TOK)
@@ -228,7 +230,7 @@ def test_cli_plan_stage_end_to_end(tmp_path, new_store):
     args = ["stages=[plan]", "model=internlm_7b", "hardware=ascend910b", "parallel=dp4",
             "model.checkpoint=/nope.ckpt", f"model.tokenizer.path={tok}", f"output_root={tmp_path}",
             f"hydra.run.dir={run_dir}"]
-    p = subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=120,
+    p = run_process([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, timeout=120,
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "0.1146% of base" in p.stdout and "model.checkpoint=/nope.ckpt" in p.stdout

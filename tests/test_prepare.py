@@ -73,6 +73,36 @@ def test_holdout_split_is_disjoint_and_stable(tmp_path, tok, shared):
     assert {q.id for q in load_questions(anatomy, "eval")} == {i for i in held if "/anatomy/" in i}
 
 
+def test_summary_counts_the_repeated_questions_left_out_of_eval(tmp_path, tok, shared):
+    """summary.json's eval_dropped_in_train / eval_dropped_repeated (the prepare stage's figures) on
+    real MMLU subjects whose test split holds copies of questions (same question and options up to
+    case and whitespace): counted here from the CSV rows and the prepared training split."""
+    from types import SimpleNamespace
+
+    from finetune.data.mmlu import read_mmlu
+    from finetune.stages.prepare import prepare_stage
+
+    subjects = ["clinical_knowledge", "college_medicine", "college_physics"]
+    out = prepare(compose([f"output_root={tmp_path}", "dataset=mmlu", f"dataset.path={shared / 'data' / 'mmlu'}",
+                           f"dataset.subjects=[{','.join(subjects)}]", "model.seq_length=512"]), tok)
+    figures = prepare_stage(SimpleNamespace(prepared=out))
+
+    def key(q):
+        return tuple(" ".join(t.lower().split()) for t in (q.question, *q.choices))
+
+    rows = [q for q in read_mmlu(shared / "data" / "mmlu")["test"] if q.subject in subjects]
+    train = {q.id for q in load_questions(out, "train")}
+    in_train = {key(q) for q in rows if q.id in train}
+    held = [q for q in rows if q.id not in train]          # the holdout, before duplicates are left out
+    of_train = [q for q in held if key(q) in in_train]
+    rest = [key(q) for q in held if key(q) not in in_train]
+    repeated = len(rest) - len(set(rest))
+    assert (len(of_train), repeated) == (25, 6)             # measured: clinical_knowledge and college_medicine share questions
+    assert figures["eval_dropped_in_train"] == len(of_train)
+    assert figures["eval_dropped_repeated"] == repeated
+    assert figures["eval_questions_total"] == len(load_questions(out, "eval")) == len(held) - len(of_train) - repeated
+
+
 def test_errors_are_specific(tmp_path, tok, shared):
     with pytest.raises(DataError, match="model.seq_length=8"):
         prepare(compose([f"output_root={tmp_path}", "model.seq_length=8"]), tok)

@@ -1,12 +1,12 @@
 """A real `mlflow server` (SQLite backend, local artifact root, free loopback port): a job logs to it and is
 read back through the REST API; an unreachable server stops the job before any work (or, with
 tracking.required=false, the job falls back to the local store and says where)."""
+import contextlib
 import http.server
 import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,16 +20,10 @@ from omegaconf import OmegaConf
 from finetune.config.schema import TrackingConfig
 from finetune.errors import ConfigError
 from finetune.tracking.store import default_uri, resolve_uri, server_problem
-from helpers import QUICK
+from helpers import QUICK, free_port, run_process, spawn
 
 BIN = Path(sys.executable).parent
 TINY = [*QUICK, "model.pretrain.epochs=0", "eval.limit=8"]   # a random-init base: this module has its own store
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rest(uri: str, path: str, **query) -> dict:
@@ -41,10 +35,10 @@ def rest(uri: str, path: str, **query) -> dict:
 def start_server(tmp: Path, port: int) -> subprocess.Popen:
     """`mlflow server` on 127.0.0.1:port with its store and artifacts in tmp, answering /health."""
     log = open(tmp / "server.log", "a")
-    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
-                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
-                            cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = spawn([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+                  "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
+                  "--port", str(port), "--workers", "1"],
+                 cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240      # imports + creating the database take a while on a busy machine
@@ -67,9 +61,9 @@ def stop_server(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
+@contextlib.contextmanager
+def running_server(tmp: Path):
+    """(uri, tmp, process) of a server started in tmp on a free port, killed at the end."""
     port = free_port()
     proc = start_server(tmp, port)
     try:
@@ -78,9 +72,16 @@ def server(tmp_path_factory):
         stop_server(proc)
 
 
+@pytest.fixture(scope="session")   # session: kept even if xdist interleaves modules
+def server(tmp_path_factory):
+    """The server the module's tests share; none of them stops it (conftest marks its users `process`)."""
+    with running_server(tmp_path_factory.mktemp("server")) as s:
+        yield s
+
+
 def _finetune(tmp: Path, args: list[str], run: str = "run") -> subprocess.CompletedProcess:
     cmd = [str(BIN / "finetune"), f"output_root={tmp}", f"hydra.run.dir={tmp / run}", *args]
-    return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=900)
+    return run_process(cmd, cwd=tmp, capture_output=True, text=True, timeout=900)
 
 
 SECRET = "s3cretPW"
@@ -121,6 +122,7 @@ def test_job_logs_to_the_server(server):
     assert not (tmp / "mlflow.db").exists()          # nothing went to the local store
 
 
+@pytest.mark.process
 def test_unreachable_server_stops_the_job_before_any_work(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"        # nothing listens there
     proc = _finetune(tmp_path, [*TINY, f"tracking.uri={uri}"])
@@ -245,19 +247,26 @@ def test_registry_on_the_server(server):
                                                           "contest_score": "0.8"}
 
 
-def test_a_server_outage_costs_no_training_and_loses_nothing(server, tmp_path):
+@pytest.fixture
+def own_server(tmp_path_factory):
+    """A server for one test (which may stop it), in a folder of its own."""
+    with running_server(tmp_path_factory.mktemp("own-server")) as s:
+        yield s
+
+
+@pytest.mark.process
+def test_a_server_outage_costs_no_training_and_loses_nothing(own_server, tmp_path):
     """The tracking server is killed at step 4 of 24 and stays down to the end of the job: training
     goes on (no minutes of retries), the job FINISHES, and what MLflow did not receive is kept in the
     run dir with one message; after the server restarts, `python -m finetune.tracking sync` delivers
-    it: every step's loss, the final metrics and status. (The module's last test: it takes the
-    module's server down.)"""
-    uri, store, server = server
+    it: every step's loss, the final metrics and status. (A server of its own: it takes it down.)"""
+    uri, store, server = own_server
     port = int(uri.rsplit(":", 1)[1])
     run = tmp_path / "run"
     cmd = [str(BIN / "finetune"), f"output_root={tmp_path}", f"hydra.run.dir={run}", *TINY, "stages=[prepare,train]",
            "train.epochs=4", "tracking.experiment=outage", f"tracking.uri={uri}"]
     err = open(tmp_path / "job.out", "w")
-    job = subprocess.Popen(cmd, cwd=tmp_path, stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
+    job = spawn(cmd, cwd=tmp_path, stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
         log = run / "train_log.csv"
@@ -286,8 +295,8 @@ def test_a_server_outage_costs_no_training_and_loses_nothing(server, tmp_path):
 
     server = start_server(store, port)   # the same store, back
     try:
-        proc = subprocess.run([sys.executable, "-m", "finetune.tracking", "sync", str(pending)],
-                              capture_output=True, text=True, timeout=300)
+        proc = run_process([sys.executable, "-m", "finetune.tracking", "sync", str(pending)],
+                           capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert not pending.exists()
         got = rest(uri, "runs/get", run_id=s["mlflow_run_id"])["run"]

@@ -9,7 +9,7 @@ import pytest
 
 from finetune.data.squad import first_per_paragraph, load_squad
 from finetune.evaluation import cli, metrics
-from helpers import REPO, shared_path
+from helpers import REPO, run_process, shared_path
 
 DEV_FULL = 10570      # questions in the official dev-v1.1.json
 DEV_300 = 303         # questions in dev-v1.1.first300q.json (the first 303 of the full file)
@@ -203,10 +203,11 @@ def test_dev_set_missing_predictions_score_zero(dev_full, dev_300_path, caplog):
 # --- command line: python -m finetune.evaluation squad DATASET.json PREDICTIONS.json ---
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune.evaluation", *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return run_process([sys.executable, "-m", "finetune.evaluation", *map(str, args)],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.process
 def test_cli_last_gold_on_first_300_questions(dev_300_path, tmp_path):
     last = {r["id"]: r["answers"][-1] for r in load_squad(dev_300_path)}
     assert len(last) == DEV_300
@@ -217,6 +218,7 @@ def test_cli_last_gold_on_first_300_questions(dev_300_path, tmp_path):
     assert run.stderr == ""
 
 
+@pytest.mark.process
 def test_cli_hand_computed_scores_exact_output(tmp_path):
     dataset = _write(tmp_path / "tiny.json", TINY)
     preds = _write(tmp_path / "preds.json", TINY_PREDICTIONS)
@@ -226,6 +228,7 @@ def test_cli_hand_computed_scores_exact_output(tmp_path):
     assert "1 of 3 questions have no prediction; they score 0" in run.stderr
 
 
+@pytest.mark.process
 def test_cli_bad_usage_exits_2(capsys):
     run = _cli()
     assert run.returncode == 2
@@ -278,6 +281,7 @@ DISAGREE = [
 ]
 
 
+@pytest.mark.slow   # MindFormers' metric: imports MindFormers (~12 s)
 @pytest.mark.parametrize("pred,golds,official,mindformers", DISAGREE)
 def test_official_and_mindformers_metrics_disagree_as_defined(pred, golds, official, mindformers):
     assert max(metrics.squad_exact_match(pred, g) for g in golds) == official[0]
@@ -286,6 +290,7 @@ def test_official_and_mindformers_metrics_disagree_as_defined(pred, golds, offic
     assert (em, f1) == (mindformers[0], pytest.approx(mindformers[1]))
 
 
+@pytest.mark.slow   # MindFormers' metric: imports MindFormers (~12 s)
 def test_gold_first_scores_against_the_first_answer_only():
     records = [{"id": "q", "answers": ["Denver Broncos", "Broncos"]}]
     assert metrics.score_squad_records(records, {"q": "Broncos"}, "official", "all")["exact_match"] == 100.0
@@ -303,6 +308,7 @@ def test_first_question_of_every_paragraph_is_the_contest_set(dev_full):
     assert contest[0] == records[0] and contest[1]["paragraph"] == 1
 
 
+@pytest.mark.process
 def test_cli_metric_both_and_gold_first(tmp_path):
     data = _write(tmp_path / "d.json", _squad_json(("A", [("c", [("q1", "q?", ["Denver Broncos", "Broncos"])])])))
     preds = _write(tmp_path / "p.json", {"q1": "The Denver Broncos"})

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from finetune.config.schema import SweepConfig
 from finetune.tracking.sweep import objective_value, pick_best, retained
-from helpers import FINETUNE, QUICK
+from helpers import FINETUNE, QUICK, run_process
 
 # Tiny jobs: the QUICK demo (its base comes from quick_root's cache), 2 optimizer steps, 8 questions.
 TINY = [*QUICK, "train.max_steps=2", "eval.limit=8"]
@@ -23,7 +23,7 @@ TINY = [*QUICK, "train.max_steps=2", "eval.limit=8"]
 def _multirun(tmp: Path, name: str, args: list[str]) -> subprocess.CompletedProcess:
     cmd = [FINETUNE, "-m", f"output_root={tmp}", f"hydra.sweep.dir={tmp / name}", f"tracking.experiment={name}",
                       *TINY, *args]
-    return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=1200)
+    return run_process(cmd, cwd=tmp, capture_output=True, text=True, timeout=1200)
 
 
 def _runs(tmp: Path, experiment: str):
@@ -197,6 +197,7 @@ def test_optuna_preset_direction_follows_sweep_direction():
         assert plain.hydra.sweeper.params is None       # the plugin's own preset still works
 
 
+@pytest.mark.process
 def test_optuna_sweeper_records_a_none_return_as_a_failed_trial(tmp_path):
     """Why a failed job returns None, not nan: hydra-optuna-sweeper 1.3 marks the trial FAIL and goes on
     (a nan makes its study.tell raise and ends the sweep). Checked on a plain Hydra app in this venv."""
@@ -209,10 +210,10 @@ def test_optuna_sweeper_records_a_none_return_as_a_failed_trial(tmp_path):
 
         main()
     """))
-    proc = subprocess.run([sys.executable, "app.py", "-m", "hydra/sweeper=optuna", "+x=choice(1,2,3)",
-                           "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=1", "hydra.sweeper.direction=maximize",
-                           "hydra.sweeper.sampler.seed=0", f"hydra.sweep.dir={tmp_path / 'out'}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_process([sys.executable, "app.py", "-m", "hydra/sweeper=optuna", "+x=choice(1,2,3)",
+                        "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=1", "hydra.sweeper.direction=maximize",
+                        "hydra.sweeper.sampler.seed=0", f"hydra.sweep.dir={tmp_path / 'out'}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = OmegaConf.load(tmp_path / "out" / "optimization_results.yaml")
     assert result.best_value == 3.0

@@ -198,6 +198,7 @@ def test_dataset_inputs_name_source_digest_and_context(store, tmp_path):
     """Two runs on the same prepared data log the same digests; the run page lists the training
     set (context training), the evaluation set and the SQuAD set (context evaluation) with their
     sources, row counts and schemas."""
+    import hashlib
     import json
 
     from finetune.data.prepare import prepare
@@ -214,11 +215,13 @@ def test_dataset_inputs_name_source_digest_and_context(store, tmp_path):
         t.end("FINISHED")
         runs.append(MlflowClient(store[1]).get_run(t.run_id).inputs.dataset_inputs)
     digest = prepared.name.rsplit("-", 1)[1]
+    squad_digest = hashlib.sha256((prepared / "squad.json").read_bytes()).hexdigest()[:12]   # the file's sha256
+    assert squad_digest != digest
     for inputs in runs:
         got = {d.dataset.name: (d.dataset.digest, {tag.key: tag.value for tag in d.tags}["mlflow.data.context"],
                                 json.loads(d.dataset.profile)["num_rows"]) for d in inputs}
         assert got == {"demo-train": (digest, "training", 96), "demo-test": (digest, "evaluation", 24),
-                       "squad-squad": (got["squad-squad"][0], "evaluation", 10)}
+                       "squad-squad": (squad_digest, "evaluation", 10)}
         squad = next(d.dataset for d in inputs if d.dataset.name == "squad-squad")
         assert json.loads(squad.source)["uri"] == str(prepared / "squad.json")
         assert "question" in squad.schema and "generated demo" in next(
