@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from finetune.config.schema import TrackingConfig
 from finetune.errors import ConfigError
 from finetune.tracking.store import default_uri, resolve_uri, server_problem
-from helpers import QUICK, free_port, run_process, spawn
+from helpers import QUICK, free_port, kill_group, run_process, spawn
 
 BIN = Path(sys.executable).parent
 TINY = [*QUICK, "model.pretrain.epochs=0", "eval.limit=8"]   # a random-init base: this module has its own store
@@ -53,12 +53,7 @@ def start_server(tmp: Path, port: int) -> subprocess.Popen:
 def stop_server(proc: subprocess.Popen) -> None:
     """Kill the server's whole process group (uvicorn + its workers) at once: an outage, not a
     graceful shutdown (which takes uvicorn several seconds)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
+    kill_group(proc)
 
 
 @contextlib.contextmanager

@@ -30,26 +30,27 @@ def finite_or_null(value):
 
 
 def read_summary(path: Path) -> dict | None:
-    """The summary, or None when absent or not valid JSON (a warning says which)."""
+    """The summary, or None when absent or not valid JSON."""
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text())
     except ValueError:
-        log.warning("%s is not valid JSON; its earlier runs are not kept", path)
         return None
 
 
 def earlier_runs(path: Path) -> list[dict]:
     """The runs a new run of this run dir keeps under `runs`: the old summary's own, then the old one."""
     old = read_summary(path)
+    if old is None and path.is_file():
+        log.warning("%s is not valid JSON; its earlier runs are not kept", path)
     return [] if old is None else old.pop("runs", []) + [old]
 
 
 def training_run_id(path: Path, uri: str) -> str | None:
     """The MLflow run of the training that train.resume=true continues: the newest run of this run
     dir (summary.json, then its `runs` history) that trained and logged to the same store."""
-    summary = read_summary(path) if path.is_file() else None
+    summary = read_summary(path)
     if summary is None:
         return None
     for run in [summary, *reversed(summary.get("runs", []))]:
