@@ -264,13 +264,13 @@ def test_released_graphs_give_their_memory_back(mmlu_model):
 
 
 def test_long_evaluation_batches_take_fewer_rows():
-    """Prompts in order of length, batch 16; past 512 tokens fewer rows (1024: 4, 2048: 1), each
-    length one shape, every prompt once."""
+    """Prompts in order of length, batch 16; past 256 tokens fewer rows (512: 4, 1024 and 2048: 1:
+    rows x length^2 <= 1024^2), each length one shape, every prompt once."""
     from finetune.data.batches import eval_batches
 
     lengths = [50] * 20 + [300] * 5 + [900] * 6 + [1500] * 2
     batches = eval_batches(lengths, 2048, 16)
     shapes = [(rows, length) for _, rows, length in batches]
-    assert shapes == [(16, 64), (16, 512), (4, 1024), (4, 1024), (1, 2048), (1, 2048)]
-    assert [len(c) for c, _, _ in batches] == [16, 9, 4, 2, 1, 1]     # 4 x 50 + 5 x 300 share a batch
+    assert shapes == [(16, 64), (16, 64), (4, 512), (4, 512)] + [(1, 1024)] * 6 + [(1, 2048)] * 2
+    assert [len(c) for c, _, _ in batches] == [16, 4, 4, 1] + [1] * 8
     assert sorted(i for c, _, _ in batches for i in c) == list(range(len(lengths)))

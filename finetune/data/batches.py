@@ -40,7 +40,7 @@ def eval_bucket(length: int, limit: int) -> int:
 
 def eval_rows(batch_size: int, length: int) -> int:
     """Rows of an evaluation batch of prompts cut to `length` (at least 1, at most batch_size)."""
-    return max(1, min(batch_size, batch_size * EVAL_SQUARE ** 2 // length ** 2))
+    return max(1, min(batch_size, EVAL_AREA // length ** 2))
 
 
 def eval_batches(lengths, limit: int, batch_size: int) -> list[tuple[list[int], int, int]]:
@@ -102,8 +102,10 @@ def batch_inputs(ids: np.ndarray, labels: np.ndarray, pad_id: int, answers_per_r
     return (ids[:, :length], flat, target, mask), ids.shape[0] * length
 
 
-# Rows of an evaluation batch hold at most this many tokens' attention square each, times the batch:
-# past 512 tokens a batch takes fewer rows (1024: a quarter, 2048: a sixteenth), so that the score
-# matrices [rows, heads, L, L] of a long batch are no larger than those of a full batch at 512.
-# (128M model, eval batch 16 at 2048 tokens: ~2 GB per score tensor, and the job passed 24 GB.)
-EVAL_SQUARE = 512
+# An evaluation batch holds at most this many positions' attention squares: rows x length^2 <= EVAL_AREA
+# (16 rows at 256 tokens, 4 at 512, 1 at 1024 and up). A compiled graph keeps its buffers, and on CPU
+# those are dominated by the score matrices [rows, heads, L, L] of every layer: measured with the 128M
+# model, ~1.5 GB per 1024^2 of area, and a 5-shot MMLU job at seq 2048 passed 22 GB in evaluation when
+# each length from 512 up took 4 times this area. Bounded so, every length costs about the same
+# and the six lengths up to 2048 stay well inside a 24 GB machine.
+EVAL_AREA = 1024 ** 2

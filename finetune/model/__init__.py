@@ -18,10 +18,11 @@ from finetune.model.adapter import (
     save_merged,
 )
 from finetune.model.checkpoint import read_checkpoint, save_checkpoint
+from finetune.model.forward import drop_cells
 from finetune.model.generate import greedy_generate
 from finetune.model.layout import NORMS, dense_layers, module_param_counts, to_hf
 from finetune.model.llama import count_params, load_model, param_summary, release_graphs, setup_context
-from finetune.model.lora import apply_lora, with_adapter
+from finetune.model.lora import apply_lora, with_adapter, zero_lora_b
 
 __all__ = [
     "MERGED_KEY_HF",
@@ -33,6 +34,7 @@ __all__ = [
     "check_run_adapter",
     "count_params",
     "dense_layers",
+    "drop_cells",
     "greedy_generate",
     "load_adapter",
     "load_model",
@@ -50,4 +52,5 @@ __all__ = [
     "setup_context",
     "to_hf",
     "with_adapter",
+    "zero_lora_b",
 ]

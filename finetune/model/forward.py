@@ -167,6 +167,14 @@ def _kept_on_model(net, attribute: str, build):
     return made
 
 
+def drop_cells(net) -> None:
+    """Forget the cells kept on the model (last_logits_cell, kv_cells), so that release_graphs can
+    free their graphs' buffers: evaluate calls both between multiple-choice scoring and SQuAD
+    decoding, which share no graph."""
+    for attribute in ("_finetune_last_logits", "_finetune_kv_cells"):
+        net.__dict__.pop(attribute, None)
+
+
 def _last_logits_cell(net):
     import mindspore as ms
     from mindspore import nn, ops

@@ -25,12 +25,15 @@ def greedy_generate(net, prompts: list[list[int]], max_new_tokens: int, eos_id: 
             raise ValueError(f"prompt of {len(p)} tokens does not fit model.seq_length={seq_length}")
     decode = _cached_chunk if cache else _uncached_chunk
     results: list[list[int]] = [[] for _ in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    from finetune.data.batches import eval_batches
+
     counts = {"processed": 0, "shapes": set()}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    # In order of length, as many rows as eval_rows allows for the window a batch decodes in (its
+    # longest prompt plus max_new_tokens): long prompts decode a few rows at a time.
+    need = [min(len(p) + max_new_tokens, seq_length) for p in prompts]
+    for chunk, rows, _ in eval_batches(need, seq_length, batch_size):
         new = decode(net, [list(prompts[i]) for i in chunk], max_new_tokens, eos_id, pad_id, seq_length,
-                     batch_size, counts)
+                     rows, counts)
         for i, tokens in zip(chunk, new):
             results[i] = tokens
     if stats is not None:

@@ -27,7 +27,17 @@ from finetune.evaluation import (
     select_best,
     squad_predictions,
 )
-from finetune.model import adapter_path, apply_lora, count_params, load_adapter, param_summary, with_adapter
+from finetune.model import (
+    adapter_path,
+    apply_lora,
+    count_params,
+    drop_cells,
+    load_adapter,
+    param_summary,
+    release_graphs,
+    with_adapter,
+    zero_lora_b,
+)
 from finetune.training import read_index
 
 log = logging.getLogger(__name__)
@@ -95,29 +105,42 @@ def evaluate(ctx) -> dict:
     net = ctx.load_base(cfg.eval.batch_size)
     if adapter.is_file():   # LoRA in place, lora_b zero: still exactly the base, and the adapter reuses its graphs
         net = with_adapter(net, adapter, cfg.lora, ctx.given, cfg.seed, load=False)
+    # The weights scored: the base (every lora_b zero: W x + 0, the base bit for bit) and base + adapter.
+    # All multiple-choice scoring runs first, then its graphs are freed, then all SQuAD decoding: the
+    # two share no graph, so decoding does not start on top of the scoring graphs' buffers.
+    weights = ([("_base", lambda: zero_lora_b(net))] if cfg.eval.base else []) + \
+        ([("", lambda: load_adapter(net, adapter))] if adapter.is_file() else [])
+    mc = {}
+    for tag, use in weights:
+        use()
+        mc[tag] = score_mc(net)
+        log.info("%s: accuracy %.4f on %d questions", "base model" if tag else "base + adapter", mc[tag]["accuracy"],
+                 len(questions))
+    checkpoint_rows = checkpoint_mc(net, run_dir, score_mc) if cfg.eval.checkpoints else []
+    squads = {}
+    if squad_records:
+        drop_cells(net)
+        release_graphs()
+        for tag, use in weights:
+            use()
+            squads[tag] = squad(net, tag)
+
     result: dict = {"eval_questions": len(questions), "eval_num_shots": cfg.eval.num_shots, **prompt_stats}
-    base = base_squad = None
-    if cfg.eval.base:
-        base = score_mc(net)
+    base, tuned = mc.get("_base"), mc.get("")
+    base_squad, tuned_squad = squads.get("_base"), squads.get("")
+    if base is not None:
         result.update(mc_accuracy_base=base["accuracy"], per_subject_accuracy_base=base["per_subject"],
                       mc_accuracy_macro_base=macro_accuracy(base["per_subject"]))
         if generate:
             result["mc_unparsed_base"] = base["unparsed"]
-        log.info("base model: accuracy %.4f on %d questions", base["accuracy"], len(questions))
-        if squad_records:
-            base_squad = squad(net, "_base")
+        if base_squad is not None:
             result.update(squad_keys(base_squad, "_base"))
-    tuned = None
-    if adapter.is_file():
-        load_adapter(net, adapter)
-        tuned = score_mc(net)
+    if tuned is not None:
         result.update(mc_accuracy=tuned["accuracy"], per_subject_accuracy=tuned["per_subject"],
                       mc_accuracy_macro=macro_accuracy(tuned["per_subject"]), evaluated_adapter=str(adapter))
-        log.info("base + adapter: accuracy %.4f", tuned["accuracy"])
         if generate:
             result["mc_unparsed"] = tuned["unparsed"]
-        if squad_records:
-            tuned_squad = squad(net, "")
+        if tuned_squad is not None:
             result.update(squad_keys(tuned_squad, ""))
             if base_squad is not None:
                 result.update(retention(tuned_squad, base_squad, cfg.eval.retention_threshold))
@@ -134,7 +157,7 @@ def evaluate(ctx) -> dict:
 
     if cfg.eval.checkpoints:
         squad_fn = squad if squad_records and base_squad is not None else None
-        result.update(score_checkpoints(net, run_dir, ctx.tracker, score_mc, squad_fn, base_squad,
+        result.update(score_checkpoints(net, ctx.tracker, checkpoint_rows, squad_fn, base_squad,
                                         cfg.eval.retention_threshold))
     if mc_stats:   # one pass over the questions: padded / processed tokens and the compiled shapes
         result.update(eval_pad_fraction=1 - mc_stats["tokens"] / mc_stats["processed"], eval_shapes=mc_stats["shapes"])
@@ -185,25 +208,31 @@ def squad_keys(scores: dict, tag: str) -> dict:
     return out
 
 
-def score_checkpoints(net, run_dir, tracker, score_mc, squad, base_squad, threshold: float) -> dict:
-    """mc_accuracy (and SQuAD retention when measured) of every checkpoint in run_dir/checkpoints;
-    the best by checkpoints.select_best. Each is logged to MLflow at its step."""
+def checkpoint_mc(net, run_dir, score_mc) -> list[dict]:
+    """[{"step", "adapter", "mc_accuracy"}] for every checkpoint in run_dir/checkpoints, in order."""
     ckpt_dir = run_dir / rundir.CHECKPOINTS
     entries = read_index(ckpt_dir)
     if not entries:
         raise ModelError(f"eval.checkpoints: no checkpoints in {ckpt_dir} (train with train.save.num_checkpoints > 0)")
-    scores = []
+    rows = []
     for entry in entries:
         load_adapter(net, ckpt_dir / entry["adapter"], "eval.checkpoints")
-        row = {"step": entry["step"], "adapter": str(ckpt_dir / entry["adapter"]),
-               "mc_accuracy": score_mc(net)["accuracy"]}
+        rows.append({"step": entry["step"], "adapter": str(ckpt_dir / entry["adapter"]),
+                     "mc_accuracy": score_mc(net)["accuracy"]})
+        log.info("checkpoint step %d: accuracy %.4f", entry["step"], rows[-1]["mc_accuracy"])
+    return rows
+
+
+def score_checkpoints(net, tracker, rows: list[dict], squad, base_squad, threshold: float) -> dict:
+    """The checkpoints' rows (checkpoint_mc) with SQuAD retention when measured, and the best by
+    evaluation.select_best. Each is logged to MLflow at its step."""
+    for row in rows:
         if squad is not None:
-            row.update(retention(squad(net, f"_step{entry['step']:06d}"), base_squad, threshold))
-        tracker.log_metrics({"checkpoint_mc_accuracy": row["mc_accuracy"]}, step=entry["step"])
-        log.info("checkpoint step %d: accuracy %.4f", entry["step"], row["mc_accuracy"])
-        scores.append(row)
-    best = select_best(scores)
+            load_adapter(net, row["adapter"], "eval.checkpoints")
+            row.update(retention(squad(net, f"_step{row['step']:06d}"), base_squad, threshold))
+        tracker.log_metrics({"checkpoint_mc_accuracy": row["mc_accuracy"]}, step=row["step"])
+    best = select_best(rows)
     tracker.set_tags({"best_checkpoint": best["adapter"] if best else "none"})
-    return {"checkpoint_scores": scores, "best_checkpoint_step": best["step"] if best else None,
+    return {"checkpoint_scores": rows, "best_checkpoint_step": best["step"] if best else None,
             "best_checkpoint_mc_accuracy": best["mc_accuracy"] if best else None,
             "best_checkpoint_adapter": best["adapter"] if best else None}
