@@ -144,12 +144,16 @@ def packed_decoder(net):
     return PackedDecoder()
 
 
+# Where _kept_on_model keeps each cell on the model object (drop_cells forgets both).
+LAST_LOGITS_ATTR, KV_CELLS_ATTR = "_finetune_last_logits", "_finetune_kv_cells"
+
+
 def last_logits_cell(net):
     """A Cell returning float32 logits at one position per row: construct(tokens [B, L], flat [B])
     -> [B, V], flat = row * L + position. Bit-identical to net(tokens)[0] at those positions.
     One cell per model, kept: its compiled graphs are reused when the same model is scored again
     with other weights (every checkpoint of a run) or other batches."""
-    return _kept_on_model(net, "_finetune_last_logits", _last_logits_cell)
+    return _kept_on_model(net, LAST_LOGITS_ATTR, _last_logits_cell)
 
 
 def _kept_on_model(net, attribute: str, build):
@@ -171,7 +175,7 @@ def drop_cells(net) -> None:
     """Forget the cells kept on the model (last_logits_cell, kv_cells), so that release_graphs can
     free their graphs' buffers: evaluate calls both between multiple-choice scoring and SQuAD
     decoding, which share no graph."""
-    for attribute in ("_finetune_last_logits", "_finetune_kv_cells"):
+    for attribute in (LAST_LOGITS_ATTR, KV_CELLS_ATTR):
         net.__dict__.pop(attribute, None)
 
 
@@ -208,7 +212,7 @@ def kv_cells(net):
       cache at pos (onehot), and it attends to the cache positions marked visible (earlier
       positions that are not padding: the same mask the model builds from the tokens).
     One pair per model, kept on the model object like last_logits_cell."""
-    return _kept_on_model(net, "_finetune_kv_cells", _kv_cells)
+    return _kept_on_model(net, KV_CELLS_ATTR, _kv_cells)
 
 
 def _kv_cells(net):

@@ -23,10 +23,10 @@ def greedy_generate(net, prompts: list[list[int]], max_new_tokens: int, eos_id: 
     for p in prompts:
         if not 0 < len(p) <= seq_length:
             raise ValueError(f"prompt of {len(p)} tokens does not fit model.seq_length={seq_length}")
-    decode = _cached_chunk if cache else _uncached_chunk
-    results: list[list[int]] = [[] for _ in prompts]
     from finetune.data.batches import eval_batches
 
+    decode = _cached_chunk if cache else _uncached_chunk
+    results: list[list[int]] = [[] for _ in prompts]
     counts = {"processed": 0, "shapes": set()}
     # In order of length, as many rows as eval_rows allows for the window a batch decodes in (its
     # longest prompt plus max_new_tokens): long prompts decode a few rows at a time.
