@@ -1,4 +1,4 @@
-"""`python -m bench [train|mfu|eval|decode|prepare|all] [--smoke]`: the tool's speed and memory on this
+"""`python -m bench [train|mfu|eval|decode|prepare|memory|all] [--smoke]`: the tool's speed and memory on this
 machine, with PyTorch + transformers + PEFT side by side for training, on real MMLU rows.
 
 One function per benchmark; each runs its measured work in subprocesses (the tool's own `finetune`
@@ -32,6 +32,7 @@ RESULTS = REPO / "bench" / "results"
 WORK = REPO / "bench" / "work"
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 CL100K = SHARED / "tokenizers" / "cl100k_base.tiktoken"
+INTERNLM_TOKENIZER = SHARED / "tokenizers" / "internlm_v7_sft.model"
 STORIES = SHARED / "models" / "stories260K-hf"
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +68,11 @@ FULL = {
     "decode": {"seq_length": 512, "prompts": 8, "batch_size": 4, "prompt_tokens": [250, 350], "max_new_tokens": 64},
     "peak": {"size": 2048, "repeat": 5},
     "prepare": {"seq_length": 512, "data": []},
+    # Jobs of the README's kind at the largest shapes issue #20 names: seq_length 2048, batch 16,
+    # 5-shot evaluation with SQuAD retention; every size x tokenizer x data set.
+    "memory": {"seq_length": 2048, "batch_size": 16, "max_steps": 20, "num_shots": 5, "limit": 200,
+               "squad_limit": 50, "sizes": ["tiny", "128m"], "tokenizers": ["cl100k", "internlm"],
+               "datasets": ["mmlu", "cmmlu"], "data": []},
 }
 SMOKE_MODEL = ["model=tiny", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.n_kv_heads=1",
                "model.intermediate_size=64"]
@@ -79,6 +85,9 @@ SMOKE = {
     "decode": {"seq_length": 512, "prompts": 2, "batch_size": 2, "prompt_tokens": [100, 120], "max_new_tokens": 3},
     "peak": {"size": 512, "repeat": 2},
     "prepare": {"seq_length": 512, "data": ["dataset.subjects=[world_religions]"], "cli": False},
+    "memory": {"seq_length": 256, "batch_size": 4, "max_steps": 2, "num_shots": 1, "limit": 4, "squad_limit": 2,
+               "sizes": ["smoke"], "tokenizers": ["cl100k"], "datasets": ["mmlu"],
+               "data": ["dataset.subjects=[world_religions]", "dataset.max_train_questions=40"]},
 }
 
 # Targets (issue #12, item 5)
@@ -629,6 +638,57 @@ def prepare(ctx: dict) -> dict:
             "seconds_met": total < TARGET_PREPARE_SECONDS, "memory_met": peak < TARGET_PREPARE_GB, **ctx["meta"]}
 
 
+# ---------------------------------------------------------------------------------------------
+# 6. memory: whole jobs at the largest shapes, every size x tokenizer x data set
+
+TOKENIZERS = {"cl100k": ["model.tokenizer.kind=tiktoken", f"model.tokenizer.path={CL100K}"],
+              "internlm": ["model.tokenizer.kind=sentencepiece", f"model.tokenizer.path={INTERNLM_TOKENIZER}"]}
+MEMORY_MODELS = {"tiny": ["model=tiny"], "128m": MODEL_128M, "smoke": SMOKE_MODEL}
+
+
+def memory(ctx: dict) -> dict:
+    """Per size x tokenizer x data set: `finetune stages=[prepare,train,evaluate]` at seq_length 2048,
+    batch 16, 20 steps, 5-shot evaluation of 200 questions and SQuAD retention on 50 dev questions:
+    does it finish within the memory cap (--memory-cap, 20 GB of the 24 GB machine by default), and
+    each stage's peak RSS (summary.json's <stage>_peak_rss_gb). A job stopped at the cap or failing
+    is recorded, and the next one runs."""
+    s, work = ctx["settings"], ctx["work"] / "memory"
+    m = s["memory"]
+    sizes = [size for size in m["sizes"] if size in ctx.get("sizes", m["sizes"])]
+    out = {}
+    for size in sizes:
+        for tokenizer in m["tokenizers"]:
+            for dataset in m["datasets"]:
+                name = f"{size}-{tokenizer}-{dataset}"
+                root = work / name
+                _clean(root)
+                overrides = [f"dataset={dataset}", f"dataset.path={SHARED / 'data' / dataset}", *m["data"],
+                             *MEMORY_MODELS[size], *TOKENIZERS[tokenizer], "model.pretrain.epochs=0", "seed=0",
+                             f"model.seq_length={m['seq_length']}", f"train.batch_size={m['batch_size']}",
+                             f"train.max_steps={m['max_steps']}", f"eval.num_shots={m['num_shots']}",
+                             f"eval.limit={m['limit']}", f"eval.squad.path={SHARED / 'data' / 'squad' / 'dev-v1.1.json'}",
+                             f"eval.squad.limit={m['squad_limit']}", "stages=[prepare,train,evaluate]",
+                             "tracking.system_metrics=false"]
+                print(f"bench memory {name} ...", flush=True)
+                try:
+                    summary, measured = finetune(overrides, root / "run", root, may_exceed_cap=True)
+                except Exception as e:   # a failed job is a row of the table, not the end of the benchmark
+                    out[name] = {"status": "FAILED", "error": str(e)[-1500:]}
+                    continue
+                stages = ("prepare", "train", "evaluate")
+                out[name] = {
+                    "status": "stopped at the memory cap" if measured["killed_at_cap"] else summary.get("status"),
+                    # GB of 1e9 bytes, as summary.json's stage peaks (run_measured gives GiB)
+                    "seconds": measured["seconds"], "peak_rss_gb": measured["peak_rss_gb"] * 2 ** 30 / 1e9,
+                    "others_cpu_share": measured["others_cpu_share"],
+                    **{f"{st}_peak_rss_gb": summary.get(f"{st}_peak_rss_gb") for st in stages},
+                    **{f"{st}_seconds": summary.get(f"{st}_seconds") for st in stages},
+                    **{k: summary.get(k) for k in ("train_rows_per_step", "train_micro_steps", "train_examples_per_row",
+                                                   "train_shapes", "mc_accuracy", "squad_f1", "eval_shapes")}}
+    return {"rows": out, "settings": m, "memory_cap_gb": MEMORY_CAP["gb"],
+            "met": bool(out) and all(r["status"] == "FINISHED" for r in out.values()), **ctx["meta"]}
+
+
 def _clean(path: Path) -> None:
     import shutil
 
@@ -638,7 +698,7 @@ def _clean(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Tables, BENCHMARKS.md, main
 
-BENCHES = {"train": train, "mfu": mfu, "eval": eval_mc, "decode": decode, "prepare": prepare}
+BENCHES = {"train": train, "mfu": mfu, "eval": eval_mc, "decode": decode, "prepare": prepare, "memory": memory}
 
 
 def _f(x, digits=1) -> str:
@@ -756,6 +816,24 @@ def tables(results: dict) -> str:
         lines += [f"| total | | {_f(p['total_seconds'])} | {_f(p['peak_rss_gb'], 2)} | {_f(p['total_cli_seconds'])} | |",
                   "", f"Targets: < {p['target_seconds']:.0f} s total: {_f(p['seconds_met'])}; "
                   f"< {p['target_gb']:.0f} GB: {_f(p['memory_met'])}.", ""]
+    if "memory" in results and "rows" in results["memory"]:
+        mem = results["memory"]
+        m = mem["settings"]
+        lines += [f"### Whole jobs at the largest shapes (seq_length {m['seq_length']}, batch {m['batch_size']}, "
+                  f"{m['max_steps']} steps, {m['num_shots']}-shot MC on {m['limit']} questions, SQuAD on "
+                  f"{m['squad_limit']}; stages prepare, train, evaluate)", "",
+                  "| job (size-tokenizer-data) | status | minutes | peak RSS GB | prepare / train / evaluate peak GB "
+                  "| rows per step / micro-steps | examples per row |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, r in mem["rows"].items():
+            if "error" in r:
+                lines.append(f"| {name} | FAILED: {r['error'].splitlines()[-1][:120]} | | | | | |")
+                continue
+            peaks = " / ".join(_f(r.get(f"{st}_peak_rss_gb"), 1) for st in ("prepare", "train", "evaluate"))
+            lines.append(f"| {name} | {r['status']} | {_f(r['seconds'] / 60)} | {_f(r['peak_rss_gb'], 1)} | {peaks} "
+                         f"| {_f(r.get('train_rows_per_step'), 0)} / {_f(r.get('train_micro_steps'), 0)} "
+                         f"| {_f(r.get('train_examples_per_row'), 1)} |")
+        lines += ["", f"Every job finishes under the {mem['memory_cap_gb']:.0f} GB cap (24 GB machine): "
+                  f"{_f(mem['met'])}.", ""]
     return "\n".join(lines)
 
 

@@ -110,6 +110,21 @@ SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "mod
          "model.intermediate_size=128", f"model.seq_length={SEQ}", "lora.dropout=0.0"]
 
 
+def test_micro_batches_keep_a_step_within_its_token_limit():
+    # CMMLU, cl100k, seq_length 2048: batch 16 needs 2 rows; under 2048 tokens: 2 micro-steps of 1
+    assert packing.micro_batches(2, 2048, 2048) == (1, 2)
+    assert packing.micro_batches(4, 512, 2048) == (4, 1)           # 4 x 512 fits: unchanged
+    assert packing.micro_batches(5, 512, 1024) == (2, 3)           # 5 rows, 2 at a time: 3 x 2
+    assert packing.micro_batches(6, 512, 1024) == (2, 3)
+    assert packing.micro_batches(3, 4096, 2048) == (1, 3)          # a row longer than the limit: one at a time
+    assert packing.micro_batches(7, 2048, None) == (7, 1)          # no limit
+    for rows in range(1, 40):
+        for limit in (100, 512, 1000, 2048, 5000):
+            per, steps = packing.micro_batches(rows, 512, limit)
+            assert per * steps >= rows and per * (steps - 1) < rows  # every row, no empty micro-step
+            assert per * 512 <= max(limit, 512)
+
+
 @pytest.fixture(scope="module")
 def mmlu_model(ms_cpu):
     """A random-init 2-layer Llama with cl100k's vocabulary, LoRA on q/k/v/o with random (non-zero)

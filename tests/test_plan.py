@@ -276,6 +276,11 @@ def test_plan_counts_the_graphs_of_the_prepared_data(ms_cpu, tmp_path):
     graphs = compiled_graphs(cfg, prepare(cfg, tok), tok)
     assert graphs["train"] == {"graphs": 1, "exact": True, "lengths": [64]}
     assert graphs["evaluate"] == {"graphs": 1, "exact": True, "lengths": [64]}
+    # 16 demo examples take several rows of 64; one row per micro-step: the accumulating step and the last
+    capped = resolved([f"output_root={tmp_path}", "dataset.demo.num_words=40", "dataset.demo.squad_questions=0",
+                       "stages=[plan,train]", "hardware.micro_batch_tokens=64"])
+    assert compiled_graphs(capped, prepare(capped, tok), tok)["train"] == {"graphs": 2, "exact": True, "lengths": [64]}
+    assert compiled_graphs(capped, None, tok)["train"] == {"graphs": 2, "exact": False, "lengths": [64]}
     unpacked = compiled_graphs(resolved([f"output_root={tmp_path}", "dataset.demo.num_words=40",
                                          "dataset.demo.squad_questions=0", "train.packing=false",
                                          "model.seq_length=128"]), None, tok)

@@ -111,6 +111,7 @@ def test_train_pad_fraction_is_the_padding_of_the_trained_rows(reference_run):
     taken = int(((ids != tok.pad_id).sum(axis=1) - 1).sum())           # an example of n tokens takes n - 1 positions
     rows, per_step = s["train_packed_rows"], s["train_rows_per_step"]
     assert s["train_packing"] is True and s["train_examples"] == len(ids) == 96
+    assert s["train_micro_steps"] == 1                                  # rows x 64 within hardware.micro_batch_tokens
     assert (s["train_steps"] * per_step) % rows == 0                    # whole epochs: each row equally often
     assert s["train_pad_fraction"] == pytest.approx(1 - taken / (rows * 64), abs=1e-12)
     assert 0.1 < s["train_pad_fraction"] < 0.5                          # ~46 of 64 positions used

@@ -26,7 +26,8 @@ AT_LEAST_ONE = ("train.epochs", "train.batch_size", "train.max_steps", "train.ma
                 "model.pretrain.batch_size", "parallel.data_parallel", "parallel.model_parallel",
                 "parallel.pipeline_stage", "parallel.nodes", "parallel.join_timeout", "lora.rank",
                 "dataset.max_train_questions", "model.vocab_size", "model.n_kv_heads", "eval.every_n_steps",
-                "eval.during.limit", "eval.during.general_limit", "train.early_stopping.patience")
+                "eval.during.limit", "eval.during.general_limit", "train.early_stopping.patience",
+                "hardware.micro_batch_tokens")
 AT_LEAST_ZERO = ("train.save.num_checkpoints", "eval.num_shots", "model.pretrain.epochs", "dataset.general.limit",
                  "parallel.node_rank", "lora.alpha", "optimizer.weight_decay", "optimizer.max_grad_norm",
                  "optimizer.eps")

@@ -185,6 +185,11 @@ class HardwareConfig:
     use_flash_attention: bool = False
     recompute: bool = False
     max_device_memory: Optional[str] = None
+    # Packed positions one training micro-step holds at most (rows x model.seq_length): more rows
+    # run as extra accumulated micro-steps (data/packing.micro_batches), so the step's memory does
+    # not grow with the data. 2048 on CPU: one row at seq_length 2048 (the 128M model's step holds
+    # ~17 GB there), 4 rows at 512. null: no limit.
+    micro_batch_tokens: Optional[int] = 2048
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
 
 

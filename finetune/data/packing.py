@@ -125,6 +125,21 @@ def rows_per_step(global_batch: int, examples: int, rows: int, parts: int = 1) -
     return max(1, math.ceil(total / parts))
 
 
+def micro_batches(rows: int, seq_length: int, max_tokens: int | None) -> tuple[int, int]:
+    """(rows per micro-step, micro-steps) that take `rows` packed rows per device within
+    `max_tokens` positions per micro-step (hardware.micro_batch_tokens; None: no limit). What a
+    compiled step holds grows with rows x seq_length (and rows x seq_length^2 of attention scores
+    without flash attention), so a step whose rows would pass the limit runs as more micro-steps of
+    fewer rows, gradients accumulated: the same graph and memory whatever the data. E.g. CMMLU with
+    cl100k at seq_length 2048 packs ~15 examples a row, so batch 16 needs 2 rows: 2 micro-steps
+    of 1 row under 2048 tokens. When rows do not split evenly the micro-steps round up (5 rows
+    under a 2-row limit: 3 x 2)."""
+    if not max_tokens:
+        return rows, 1
+    steps = math.ceil(rows / max(1, max_tokens // seq_length))
+    return math.ceil(rows / steps), steps
+
+
 def labelled_per_row(targets: np.ndarray) -> int:
     """The most labelled positions in any packed row: the head's gather size per row, fixed for a
     run so that the step compiles once."""

@@ -204,7 +204,15 @@ def compiled_graphs(cfg, prepared: Path | None, tok) -> dict[str, dict]:
     out: dict[str, dict] = {}
     if "train" in stages:
         if cfg.train.packing:
-            out["train"] = {"graphs": per_step, "exact": True, "lengths": [seq]}
+            # a step whose rows pass hardware.micro_batch_tokens runs as accumulated micro-steps:
+            # two graphs. At most batch_size rows (one example each), so below the limit it cannot bind.
+            limit, exact = cfg.hardware.micro_batch_tokens, True
+            if per_step == 1 and limit and cfg.train.batch_size * seq > limit:
+                if prepared is not None:
+                    per_step = 2 if packed_micro_steps(cfg, prepared, tok) > 1 else 1
+                else:
+                    per_step, exact = 2, False
+            out["train"] = {"graphs": per_step, "exact": exact, "lengths": [seq]}
         elif prepared is not None:
             from finetune.data import TRAIN_RECORDS, read_shards
 
@@ -241,6 +249,19 @@ def compiled_graphs(cfg, prepared: Path | None, tok) -> dict[str, dict]:
             lengths = mc if mc is not None and not cfg.predict.input else pow2
             out["predict"] = {"graphs": len(lengths), "exact": lengths is mc, "lengths": lengths}
     return out
+
+
+def packed_micro_steps(cfg, prepared: Path, tok) -> int:
+    """Micro-steps per optimizer step of the packed train stage on this prepared data (as
+    stages/train.py: rows per step, then hardware.micro_batch_tokens)."""
+    from finetune.data import TRAIN_RECORDS, micro_batches, pack, read_all_shards, rows_per_step
+
+    ids, labels = read_all_shards(prepared / TRAIN_RECORDS, cfg.parallel.data_parallel)
+    packed = pack(ids, labels, tok.pad_id, cfg.model.seq_length, cfg.seed)
+    parts = cfg.parallel.data_parallel * cfg.parallel.gradient_accumulation_steps
+    rows = rows_per_step(cfg.train.batch_size * parts, len(ids), len(packed), parts)
+    return cfg.parallel.gradient_accumulation_steps * micro_batches(rows, cfg.model.seq_length,
+                                                                      cfg.hardware.micro_batch_tokens)[1]
 
 
 def _group(name: str) -> str:

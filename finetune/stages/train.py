@@ -5,7 +5,8 @@ import logging
 from pathlib import Path
 
 from finetune import rundir
-from finetune.data import TRAIN_RECORDS, pack, pad_fraction, read_all_shards, read_shards, rows_per_step
+from finetune.data import (TRAIN_RECORDS, micro_batches, pack, pad_fraction, read_all_shards, read_shards,
+                           rows_per_step)
 from finetune.model import apply_lora, count_params, load_adapter, param_summary, save_adapter, save_checkpoint
 from finetune.training import (
     Schedule,
@@ -32,17 +33,20 @@ def train(ctx) -> dict:
     cfg, run_dir, r = ctx.cfg, ctx.run_dir, ctx.rank
     dp = cfg.parallel.data_parallel
     records = ctx.prepared / TRAIN_RECORDS
-    batch = cfg.train.batch_size
+    batch, accumulation = cfg.train.batch_size, cfg.parallel.gradient_accumulation_steps
     if cfg.train.packing:   # every rank packs every example the same way and takes its rows
         ids, labels = read_all_shards(records, dp)
         packed = pack(ids, labels, ctx.tok.pad_id, cfg.model.seq_length, cfg.seed)
         feed = packed_feed(packed, r, dp)
         parts = dp * cfg.parallel.gradient_accumulation_steps
-        batch = rows_per_step(cfg.train.batch_size * parts, len(ids), len(packed), parts)
+        rows = rows_per_step(cfg.train.batch_size * parts, len(ids), len(packed), parts)
+        batch, extra = micro_batches(rows, cfg.model.seq_length, cfg.hardware.micro_batch_tokens)
+        accumulation *= extra
         log.info("packed %d examples into %d rows of %d positions (%.2f per row, %.1f%% padding); "
-                 "train.batch_size=%d examples -> %d row(s) per device per micro-step", len(ids), len(packed),
+                 "train.batch_size=%d examples -> %d row(s) per device per step%s", len(ids), len(packed),
                  cfg.model.seq_length, len(ids) / len(packed), 100 * pad_fraction(packed), cfg.train.batch_size,
-                 batch)
+                 rows, f", as {extra} micro-steps of {batch} (hardware.micro_batch_tokens="
+                 f"{cfg.hardware.micro_batch_tokens})" if extra > 1 else "")
     else:                   # this rank's shard, each batch cut to a length bucket
         ids, labels = read_shards(records, num_shards=dp, shard_id=r)
         feed = row_feed(ids, labels, ctx.tok.pad_id, sparse=True, world=dp)
@@ -72,7 +76,7 @@ def train(ctx) -> dict:
         write_run_record(ckpt_dir, settings)
 
     schedule = Schedule(batch_size=batch, epochs=cfg.train.epochs, seed=cfg.seed,
-                        accumulation=cfg.parallel.gradient_accumulation_steps, max_steps=cfg.train.max_steps,
+                        accumulation=accumulation, max_steps=cfg.train.max_steps,
                         shuffle=cfg.train.shuffle, max_nonfinite_steps=cfg.train.max_nonfinite_steps)
     total = total_steps(feed.rows, schedule.batch_size * schedule.accumulation, schedule.epochs, schedule.max_steps)
     save_at = save_steps(total, cfg.train.save.num_checkpoints)
@@ -126,12 +130,12 @@ def train(ctx) -> dict:
         "train_shapes": stats["shapes"],
         "train_packing": bool(cfg.train.packing),
         **({"train_packed_rows": len(packed), "train_examples_per_row": len(ids) / len(packed),
-            "train_rows_per_step": batch} if cfg.train.packing else {}),
+            "train_rows_per_step": rows, "train_micro_steps": accumulation} if cfg.train.packing else {}),
         "train_steps": stats["steps"],
         "train_steps_this_run": stats["steps_this_run"],
         "train_overflow_steps": stats["overflow_steps"],
         "train_examples": int(len(ids)) * (1 if cfg.train.packing else dp),
-        "train_global_batch": cfg.train.batch_size * schedule.accumulation * dp,   # examples (on average, packed)
+        "train_global_batch": cfg.train.batch_size * cfg.parallel.gradient_accumulation_steps * dp,   # examples (on average, packed)
         rundir.CHECKPOINTS: len(save_at),
         "adapter": str(run_dir / rundir.ADAPTER),
         **during_figures,

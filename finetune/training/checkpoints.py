@@ -163,4 +163,4 @@ SETTINGS = ("lora.rank", "lora.alpha", "lora.dropout", "lora.target_modules", "o
             "optimizer.learning_rate", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
             "optimizer.weight_decay", "optimizer.warmup_ratio", "optimizer.max_grad_norm", "train.epochs",
             "train.max_steps", "train.shuffle", "train.packing", "seed", "model.name", "model.seq_length", "model.checkpoint",
-            "hardware.compute_dtype", "hardware.loss_scale.kind")
+            "hardware.compute_dtype", "hardware.loss_scale.kind", "hardware.micro_batch_tokens")
