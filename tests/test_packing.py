@@ -289,3 +289,24 @@ def test_long_evaluation_batches_take_fewer_rows():
     assert shapes == [(16, 64), (16, 64), (4, 512), (4, 512)] + [(1, 1024)] * 6 + [(1, 2048)] * 2
     assert [len(c) for c, _, _ in batches] == [16, 4, 4, 1] + [1] * 8
     assert sorted(i for c, _, _ in batches for i in c) == list(range(len(lengths)))
+
+
+def test_long_decoding_batches_take_fewer_rows(ms_cpu):
+    """Greedy decoding batches by the window it decodes in (prompt + new tokens) under the same
+    rows x length^2 bound as scoring: 900-token prompts decode one row at a time in a 1024 cache
+    even at batch 8, short ones 8 rows at a time at 64; every prompt gets its answer."""
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.model.generate import greedy_generate
+    from finetune.model.llama import build_model
+
+    tok = load_tokenizer("tiktoken", None)
+    cfg = compose(["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.n_kv_heads=1",
+                   "model.intermediate_size=64", "model.seq_length=2048"])
+    net = build_model(cfg.model, cfg.hardware, tok, 8, seed=0)
+    rng = np.random.default_rng(0)
+    prompts = [[tok.bos_id] + rng.integers(10, 200, n).tolist() for n in (899, 40, 899, 30, 899)]
+    stats: dict = {}
+    out = greedy_generate(net, prompts, 4, -1, tok.pad_id, 2048, 8, stats=stats)
+    assert [len(o) for o in out] == [4] * 5                          # eos_id -1: no row stops early
+    assert stats["shape_list"] == [("prefill", 1, 1024), ("prefill", 8, 64), ("step", 1, 1024), ("step", 8, 64)]
+    assert stats["processed"] == 3 * (1024 + 3) + (8 * 64 + 3 * 8)    # 3 one-row batches, one of 8 rows

@@ -73,6 +73,17 @@ def test_summary_has_every_figure(pipeline):
         f"demo-squad-{i}" for i in range(10)}
 
 
+def test_evaluate_scores_every_multiple_choice_before_squad(pipeline):
+    """The evaluate stage scores the multiple-choice questions with the base and the tuned weights,
+    frees those graphs, then decodes SQuAD with both (so decoding never starts on top of the
+    scoring graphs' buffers): the order of its lines in app.log."""
+    tmp, _ = pipeline
+    log = (tmp / "run" / "app.log").read_text()
+    marks = ["base model: accuracy", "base + adapter: accuracy", "SQuAD_base (official)", "SQuAD (official)"]
+    at = [log.find(m) for m in marks]
+    assert min(at) >= 0 and at == sorted(at), list(zip(marks, at))
+
+
 def test_predict_uses_the_merged_model_and_matches_evaluate(pipeline):
     """The default stages end with merge + predict: predict reads merged.ckpt, and its letter
     probabilities on the eval split equal evaluate's (base + adapter) ones."""

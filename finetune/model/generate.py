@@ -19,7 +19,8 @@ import numpy as np
 def greedy_generate(net, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
                     seq_length: int, batch_size: int, stats: dict | None = None, cache: bool = True) -> list[list[int]]:
     """New token ids per prompt (EOS not included), at most max_new_tokens or up to seq_length.
-    `stats`, when given, gets the tokens processed and the compiled shapes."""
+    `stats`, when given, gets the tokens processed, the number of compiled shapes and the shapes
+    themselves (shape_list: (kind, rows, length), kind = prefill | step | full)."""
     for p in prompts:
         if not 0 < len(p) <= seq_length:
             raise ValueError(f"prompt of {len(p)} tokens does not fit model.seq_length={seq_length}")
@@ -37,7 +38,8 @@ def greedy_generate(net, prompts: list[list[int]], max_new_tokens: int, eos_id: 
         for i, tokens in zip(chunk, new):
             results[i] = tokens
     if stats is not None:
-        stats.update(processed=counts["processed"], shapes=len(counts["shapes"]))
+        stats.update(processed=counts["processed"], shapes=len(counts["shapes"]),
+                     shape_list=sorted((kind, *shape) for kind, shape in counts["shapes"]))
     return results
 
 
@@ -124,5 +126,5 @@ def _cached_chunk(net, seqs, max_new_tokens, eos_id, pad_id, seq_length, batch_s
         logits, keys, values = step(ms.Tensor(token), ms.Tensor(pos), ms.Tensor(visible.astype(np.float32)),
                                     ms.Tensor(onehot), ms.mutable(keys), ms.mutable(values))
         counts["processed"] += batch_size
-        counts["shapes"].add(("step", size))
+        counts["shapes"].add(("step", (batch_size, size)))
     return new
