@@ -1,4 +1,5 @@
-"""TODO"""
+"""Input files checked before any work (dataset.path, eval.squad.path, predict.input, tokenizer and
+checkpoint paths: one line naming the key and file), and the predict stage's input read into prompts."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,6 @@
-"""TODO"""
+"""SQuAD v1.1 reading data: load the official dev-set layout, pick questions (all, or the contest's
+first per paragraph), and build the passage + question prompts (plain or the contest's template) cut
+to fit model.seq_length with room for the answer."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
-"""TODO"""
+"""`python -m finetune.evaluation squad DATASET.json PREDICTIONS.json`: the SQuAD v1.1 scores of a predictions
+file, by the official script's rules or MindFormers' (evaluation/metrics.py), outside any run."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,6 @@
-"""TODO"""
+"""The prepare stage: the data set (MMLU / CMMLU CSV or the embedded demo) -> questions -> Alpaca
+JSON -> tokens -> MindRecord shards, built once per content hash under output_root/cache/data
+(data/prepare.py does the work; this stage reports what it found)."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,6 @@
-"""TODO"""
+"""The train stage: LoRA on the prepared MindRecord rows (packed into rows of model.seq_length by
+default) with the compiled step of training/loop.py; writes adapter.ckpt, the evenly spaced
+checkpoints and train_log.csv into the run dir."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,6 @@
-"""TODO"""
+"""Where runs are recorded: the MLflow URI (default SQLite at output_root/mlflow.db), a check that a
+tracking server answers before any work, the file lock that serializes writers of one SQLite store,
+and the artifact folder beside a SQLite store."""
 from __future__ import annotations
 
 import contextlib
