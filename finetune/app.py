@@ -89,7 +89,7 @@ def artifacts(cfg, tracker, run_dir: Path, verbose: bool) -> tuple:
     if list(cfg.stages) == ["plan"]:
         return None, None, None, None
     quiet_libraries(run_dir, rank(), verbose)   # before MindFormers is first imported
-    tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path)
+    tok = load_tokenizer(cfg.model.tokenizer.kind, cfg.model.tokenizer.path, cfg.model.tokenizer.chat_template)
     setup_context(cfg.hardware, cfg.seed)
     prepared = prepare(cfg, tok)
     base, how = resolve_base(cfg, tok, prepared, tracker)

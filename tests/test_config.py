@@ -190,7 +190,7 @@ def test_required_value_missing_fails_naming_it(group, option, key):
     ("hardware.compute_dtype=fp16", "hardware.compute_dtype", "float32, float16, bfloat16"),
     ("hardware.mode=graf", "hardware.mode", "graph, pynative"),
     ("hardware.device_target=GPU", "hardware.device_target", "CPU, Ascend"),
-    ("model.tokenizer.kind=bpe", "model.tokenizer.kind", "tiktoken, sentencepiece"),
+    ("model.tokenizer.kind=bpe", "model.tokenizer.kind", "tiktoken, sentencepiece, hf"),
     ("predict.format=csv", "predict.format", "jsonl, npy"),
     ("sweep.direction=up", "sweep.direction", "maximize, minimize"),
     ("optimizer.name=sgd", "optimizer.name", "adamw"),
@@ -352,13 +352,18 @@ def test_squad_prompt_styles_and_truncation_sides():
     assert squad_prompt("C.", "Q?") == "C.\n\nQuestion: Q?\nAnswer:"
     assert squad_prompt("C.", "Q?", "mindformers") == (
         "Read the passage and answer the question below.\n\n### Instruction:\nC.\n\n### Input:\nQ?\n\n### Response:")
-    tok = SimpleNamespace(bos_id=1, encode=lambda text: [ord(c) for c in text])
+    tok = SimpleNamespace(bos_id=1, encode=lambda text: [ord(c) for c in text], wrap=lambda ids: [1] + ids)
     record = [{"context": "x" * 40, "question": "why?"}]
     (start,), n = squad_prompt_ids(record, tok, 30, 10, "plain", "start")
     (end,), _ = squad_prompt_ids(record, tok, 30, 10, "plain", "end")
     full = [1] + [ord(c) for c in squad_prompt("x" * 40, "why?")]
     assert n == 1 and len(start) == len(end) == 20
     assert start == [1] + full[-19:] and end == full[:20]   # start: keeps the question; end: keeps the head
+    # a chat turn around the prompt (2 ids before, 3 after) stays whole; the passage gives way
+    chat = SimpleNamespace(encode=tok.encode, wrap=lambda ids: [7, 7] + ids + [9, 9, 9])
+    (start,), _ = squad_prompt_ids(record, chat, 30, 10, "plain", "start")
+    (end,), _ = squad_prompt_ids(record, chat, 30, 10, "plain", "end")
+    assert start == [7, 7] + full[-15:] + [9, 9, 9] and end == [7, 7] + full[1:16] + [9, 9, 9]
 
 
 def test_contest_style_needs_generated_answers():

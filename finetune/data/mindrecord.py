@@ -11,12 +11,13 @@ SCHEMA = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int
 
 
 def encode_example(prompt: str, answer: str, tok, seq_length: int) -> tuple[list[int], list[int]] | None:
-    """[bos] prompt answer [eos], padded to seq_length + 1 (the model shifts by one inside).
+    """[bos] prompt answer [eos] (or the chat turn around the prompt, the answer as the assistant's
+    reply: tok.wrap, tok.answer_ids), padded to seq_length + 1 (the model shifts by one inside).
 
     Labels copy the answer tokens and EOS; prompt and padding get IGNORE_ID, so the loss is
     only on the answer. Returns None when the example does not fit."""
-    p = [tok.bos_id] + tok.encode(prompt)
-    a = tok.encode(answer) + [tok.eos_id]
+    p = tok.wrap(tok.encode(prompt))
+    a = tok.answer_ids(answer)
     n = seq_length + 1
     if len(p) + len(a) > n:
         return None

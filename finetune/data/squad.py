@@ -18,19 +18,19 @@ def squad_prompt(context: str, question: str, style: str = "plain") -> str:
 
 def squad_prompt_ids(records: list[dict], tok, seq_length: int, max_new_tokens: int, style: str = "plain",
                      truncate: str = "start") -> tuple[list[list[int]], int]:
-    """[bos] + prompt per question. A prompt longer than the window is cut: truncate=start keeps
-    its end (the question) and loses the start of the passage; truncate=end keeps its head (the
-    contest's way). Returns (ids, number truncated)."""
-    room = seq_length - max_new_tokens
+    """The prompt's ids per question (tok.wrap: [bos] + prompt, or a chat turn around it). A prompt
+    longer than the window is cut inside: truncate=start keeps its end (the question) and loses the
+    start of the passage; truncate=end keeps its head (the contest's way). Returns (ids, number truncated)."""
+    room = seq_length - max_new_tokens - len(tok.wrap([]))
     if room < 8:
         raise ValueError(f"eval.squad.max_new_tokens={max_new_tokens} leaves no room in model.seq_length={seq_length}")
     out, truncated = [], 0
     for r in records:
-        ids = [tok.bos_id] + tok.encode(squad_prompt(r["context"], r["question"], style))
-        if len(ids) > room:
-            ids = ids[:room] if str(truncate) == "end" else [tok.bos_id] + ids[-(room - 1):]
+        content = tok.encode(squad_prompt(r["context"], r["question"], style))
+        if len(content) > room:
+            content = content[:room] if str(truncate) == "end" else content[-room:]
             truncated += 1
-        out.append(ids)
+        out.append(tok.wrap(content))
     return out, truncated
 
 

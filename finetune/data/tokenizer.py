@@ -1,9 +1,11 @@
 """Tokenizers: SentencePiece (InternLM's tokenizer.model), tiktoken rank files, and the built-in
 tiktoken encoding of the tiny demo model. All load from local files only; nothing downloads.
 
-Both classes expose the same small surface used everywhere else:
+Every tokenizer (these two and data/hf_tokenizer.HFTokenizer) exposes the same small surface:
 ``encode(text) -> list[int]`` (no BOS/EOS added), ``decode(ids) -> str``, ``vocab_size``,
-``bos_id``, ``eos_id``, ``pad_id``, ``name``.
+``bos_id``, ``eos_id``, ``pad_id``, ``name``, ``prefix`` (the ids a sequence starts with),
+``wrap(content_ids)`` (a prompt's ids: prefix + content, or a chat turn around it),
+``answer_ids(text)`` (an answer's ids, EOS included) and ``chat`` (whether prompts are chat turns).
 """
 from __future__ import annotations
 
@@ -51,6 +53,18 @@ class SentencePieceTokenizer:
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    chat = False
+
+    @property
+    def prefix(self) -> list[int]:
+        return [self.bos_id]
+
+    def wrap(self, content_ids: list[int]) -> list[int]:
+        return [self.bos_id] + content_ids
+
+    def answer_ids(self, text: str) -> list[int]:
+        return self.encode(text) + [self.eos_id]
+
 
 class TiktokenTokenizer:
     def __init__(self, ranks: dict[bytes, int], name: str):
@@ -71,6 +85,18 @@ class TiktokenTokenizer:
     def decode(self, ids) -> str:
         specials = {self.bos_id, self.eos_id, self.pad_id}
         return self.enc.decode([int(i) for i in ids if int(i) not in specials])
+
+    chat = False
+
+    @property
+    def prefix(self) -> list[int]:
+        return [self.bos_id]
+
+    def wrap(self, content_ids: list[int]) -> list[int]:
+        return [self.bos_id] + content_ids
+
+    def answer_ids(self, text: str) -> list[int]:
+        return self.encode(text) + [self.eos_id]
 
 
 def read_tiktoken_file(path: str | Path) -> dict[bytes, int]:
@@ -122,9 +148,18 @@ def builtin_ranks() -> dict[bytes, int]:
     return ranks
 
 
-def load_tokenizer(kind: str, path: str | None) -> SentencePieceTokenizer | TiktokenTokenizer:
+def load_tokenizer(kind: str, path: str | None, chat_template: bool = True):
     """kind: 'sentencepiece' (path to tokenizer.model), 'tiktoken' (path to a .tiktoken rank file,
-    or null for the built-in demo encoding)."""
+    or null for the built-in demo encoding), 'hf' (tokenizer.json, its folder, or a .gguf file; with
+    chat_template, the checkpoint's chat template if it has one: data/hf_tokenizer.py)."""
+    if kind == "hf":
+        from finetune.data.hf_tokenizer import load_gguf_tokenizer, load_hf_tokenizer
+
+        if not path:
+            raise TokenizerError("model.tokenizer.path: kind hf needs a tokenizer.json, its folder or a .gguf file")
+        if str(path).endswith(".gguf"):
+            return load_gguf_tokenizer(path, chat_template)
+        return load_hf_tokenizer(path, chat_template)
     if kind == "sentencepiece":
         if not path:
             raise TokenizerError("model.tokenizer.path: a SentencePiece tokenizer.model path is required")
@@ -133,11 +168,13 @@ def load_tokenizer(kind: str, path: str | None) -> SentencePieceTokenizer | Tikt
         if path:
             return TiktokenTokenizer(read_tiktoken_file(path), name=f"tiktoken:{Path(path).name}")
         return TiktokenTokenizer(builtin_ranks(), name="tiktoken:builtin-demo")
-    raise TokenizerError(f"model.tokenizer.kind: expected 'sentencepiece' or 'tiktoken', got {kind!r}")
+    raise TokenizerError(f"model.tokenizer.kind: expected 'sentencepiece', 'tiktoken' or 'hf', got {kind!r}")
 
 
 def tokenizer_fingerprint(tok) -> str:
     """Short hash of what the tokenizer does to a fixed probe text (used in data cache keys)."""
     probe = _PROMPT_TEXT + " the quick brown fox 12345 ünïcödé 中文"
-    h = hashlib.sha256(f"{tok.name}|{tok.vocab_size}|{tok.encode(probe)}".encode())
+    # a prompt's and an answer's ids too: a chat template (or its absence) changes both
+    h = hashlib.sha256(f"{tok.name}|{tok.vocab_size}|{tok.encode(probe)}|{tok.wrap([7])}|{tok.answer_ids(' A')}"
+                       f"|{tok.pad_id}".encode())
     return h.hexdigest()[:12]

@@ -13,12 +13,13 @@ from finetune.evaluation import metrics
 
 
 def letter_token_ids(tok, style: str) -> list[int]:
-    """Token ids of the four answer targets (" A".." D" for mmlu, "A".."D" for cmmlu). Each must
-    be a single token, or last-position scoring would compare the wrong things."""
+    """Token ids of the four answer targets (" A".." D" for mmlu, "A".."D" for cmmlu; "A".."D" as
+    the assistant's reply in a chat). Each must be a single token, or last-position scoring would
+    compare the wrong things."""
     ids = []
     for letter in LETTERS:
         q = Question(id="", subject="", question="", choices=("", "", "", ""), answer=letter, source="")
-        t = tok.encode(prompts.target(q, style))
+        t = tok.answer_ids(prompts.target(q, style))[:-1]   # without the EOS
         if len(t) != 1:
             raise ModelError(f"tokenizer {tok.name}: answer {prompts.target(q, style)!r} is {len(t)} tokens, "
                              f"expected 1 for letter scoring (dataset.style={style})")
@@ -28,7 +29,7 @@ def letter_token_ids(tok, style: str) -> list[int]:
 
 def build_eval_prompts(questions: list[Question], dev: list[Question], style: str, num_shots: int, tok,
                        seq_length: int) -> tuple[list[list[int]], dict]:
-    """Token ids per question: [bos] + k-shot prompt. Shots are the subject's first dev questions;
+    """Token ids per question: the k-shot prompt wrapped by the tokenizer ([bos] + prompt, or a chat turn). Shots are the subject's first dev questions;
     when a prompt does not fit, shots are dropped one at a time, and a zero-shot prompt that
     still does not fit keeps its last seq_length tokens (the question end, where scoring happens)."""
     by_subject: dict[str, list[Question]] = {}
@@ -38,14 +39,15 @@ def build_eval_prompts(questions: list[Question], dev: list[Question], style: st
     for q in questions:
         shots = by_subject.get(q.subject, [])[:num_shots]
         while True:
-            ids = [tok.bos_id] + tok.encode(prompts.build_prompt(q, style, shots))
+            content = tok.encode(prompts.build_prompt(q, style, shots))
+            ids = tok.wrap(content)
             if len(ids) <= seq_length or not shots:
                 break
             shots = shots[:-1]
         if len(shots) < min(num_shots, len(by_subject.get(q.subject, []))):
             fewer_shots += 1
-        if len(ids) > seq_length:
-            ids = ids[-seq_length:]
+        if len(ids) > seq_length:   # the content loses its start; [bos] or the chat turn stay
+            ids = tok.wrap(content[len(ids) - seq_length:])
             truncated += 1
         out.append(ids)
     return out, {"eval_fewer_shots": fewer_shots, "eval_truncated": truncated}

@@ -56,7 +56,7 @@ def llama_config(model_cfg, hw, vocab_size: int, tok, batch_size: int, dynamic: 
         attn_proj_has_bias=model_cfg.attn_proj_has_bias,
         tie_word_embeddings=model_cfg.tie_word_embeddings,
         init_method_std=model_cfg.init_std,
-        bos_token_id=tok.bos_id,
+        bos_token_id=tok.bos_id if tok.bos_id is not None else tok.pad_id,   # Qwen2 has no BOS
         eos_token_id=tok.eos_id,
         pad_token_id=tok.pad_id,
         ignore_token_id=IGNORE_ID,

@@ -46,12 +46,14 @@ def hf_config(model_cfg, tensors: dict[str, np.ndarray], tok) -> dict:
     if (embed.shape[1], ffn) != (model_cfg.hidden_size, model_cfg.intermediate_size):
         raise ModelError(f"export: weights have hidden size {embed.shape[1]} / FFN {ffn}, but model "
                          f"{model_cfg.name!r} says {model_cfg.hidden_size} / {model_cfg.intermediate_size}")
-    if model_cfg.qkv_has_bias != model_cfg.attn_proj_has_bias:
-        raise ModelError("export: HF Llama has one attention_bias for q/k/v/o together; model.qkv_has_bias and "
-                         "model.attn_proj_has_bias differ")
+    # Llama's attention_bias sets q/k/v/o together; biases on q/k/v alone are Qwen2's layout
+    qwen2 = model_cfg.qkv_has_bias and not model_cfg.attn_proj_has_bias
+    if model_cfg.attn_proj_has_bias and not model_cfg.qkv_has_bias:
+        raise ModelError("export: a bias on o but not on q/k/v (model.attn_proj_has_bias without "
+                         "model.qkv_has_bias) is neither Hugging Face's Llama nor Qwen2 layout")
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen2 else "llama",
         "hidden_size": model_cfg.hidden_size,
         "intermediate_size": model_cfg.intermediate_size,
         "num_hidden_layers": model_cfg.num_layers,
@@ -64,7 +66,7 @@ def hf_config(model_cfg, tensors: dict[str, np.ndarray], tok) -> dict:
         "rms_norm_eps": model_cfg.rms_norm_eps,
         "rope_theta": model_cfg.rope_theta,
         "tie_word_embeddings": bool(model_cfg.tie_word_embeddings),
-        "attention_bias": bool(model_cfg.qkv_has_bias),
+        **({} if qwen2 else {"attention_bias": bool(model_cfg.qkv_has_bias)}),
         "mlp_bias": False,
         "initializer_range": model_cfg.init_std,
         "bos_token_id": tok.bos_id,
@@ -136,6 +138,15 @@ def tokenizer_files(tok_cfg, tok, seq_length: int) -> dict[str, bytes]:
                   "eos_token": by_id[tok.eos_id], "pad_token": by_id[tok.pad_id], "model_max_length": seq_length}
         return {"tokenizer.json": bpe_tokenizer_json(ranks, specials, PAT_STR).encode(),
                 "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+    if tok_cfg.kind == "hf":   # the tokenizer the model came with, as transformers reads it
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.token(tok.eos_id),
+                  "pad_token": tok.token(tok.pad_id), "model_max_length": seq_length}
+        if tok.bos_id is not None:
+            config["bos_token"] = tok.token(tok.bos_id)
+        if tok.chat_template is not None:
+            config["chat_template"] = tok.chat_template
+        return {"tokenizer.json": tok.tk.to_str().encode(),
+                "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False).encode()}
     raise ModelError(f"model.tokenizer.kind: cannot export tokenizer kind {tok_cfg.kind!r}")
 
 

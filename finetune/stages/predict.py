@@ -51,13 +51,15 @@ def predict(ctx) -> dict:
     is_mc = [is_multiple_choice(r["prompt"], style) for r in records]
     ids, truncated = [], 0
     for r, mc_record in zip(records, is_mc):
-        x = [tok.bos_id] + tok.encode(r["prompt"])
+        content = tok.encode(r["prompt"])
         # The same rule as evaluate: a prompt that does not fit keeps its end (the question, where the
         # answer is read or generated); generated answers also get room in the window.
         room = seq if mc_record and not generate else seq - (cfg.eval.mc.max_new_tokens if mc_record else
                                                                p.max_new_tokens)
-        if len(x) > room:
-            x, truncated = x[-room:], truncated + 1
+        room -= len(tok.wrap([]))
+        if len(content) > room:
+            content, truncated = content[-room:], truncated + 1
+        x = tok.wrap(content)
         ids.append(x)
     if truncated:
         log.warning("predict: %d of %d prompts cut to fit model.seq_length=%d (their start is dropped)", truncated,

@@ -59,7 +59,7 @@ class MultipleChoiceModel(mlflow.pyfunc.PythonModel):
 
         self.cfg = OmegaConf.load(context.artifacts["config"])
         tokenizer = context.artifacts.get("tokenizer")
-        self.tok = load_tokenizer(self.cfg.model.tokenizer.kind, tokenizer)
+        self.tok = load_tokenizer(self.cfg.model.tokenizer.kind, tokenizer, self.cfg.model.tokenizer.chat_template)
         setup_context(self.cfg.hardware, self.cfg.seed)
         self.net = load_model(self.cfg.model, self.cfg.hardware, self.tok, self.cfg.batch_size,
                               context.artifacts["checkpoint"], what="merged model")
@@ -79,7 +79,7 @@ class MultipleChoiceModel(mlflow.pyfunc.PythonModel):
         for i, row in enumerate(model_input.itertuples(index=False)):
             q = Question(id=str(i), subject=str(row.subject), question=str(row.question).strip(),
                          choices=tuple(str(getattr(row, c)).strip() for c in "ABCD"), answer="A", source="input")
-            x = [self.tok.bos_id] + self.tok.encode(prompts.build_prompt(q, style))
+            x = self.tok.wrap(self.tok.encode(prompts.build_prompt(q, style)))
             ids.append(x[-seq:])   # the predict stage's rule: a prompt that does not fit keeps its end
         logits = letter_logits(self.net, ids, letter_token_ids(self.tok, style), self.cfg.batch_size, seq,
                                self.tok.pad_id, {})

@@ -4,6 +4,7 @@ multi-device job), logged once.
 
   model.checkpoint = a .ckpt     -> that file
   model.checkpoint = an HF folder -> converted once, cached under output_root/cache/converted/
+  model.checkpoint = a .gguf      -> dequantized once, cached there too
   model.checkpoint = null        -> random init from `seed`, pretrained on the dataset's text
                                     corpus when model.pretrain.epochs > 0 (the demo), cached under
                                     output_root/cache/base/ by a hash of everything that shapes it
@@ -20,9 +21,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from finetune.config.gguf_config import is_gguf
 from finetune.config.hf_config import is_hf_dir
 from finetune.errors import ModelError
 from finetune.model.checkpoint import save_checkpoint
+from finetune.model.gguf import load_gguf_state
 from finetune.model.hf import load_hf_state
 from finetune.model.layout import to_mindformers
 from finetune.model.llama import build_model, vocab_size_for
@@ -36,6 +39,8 @@ def resolve_base(cfg, tok, prepared: Path, tracker) -> tuple[Path, str]:
     ckpt = cfg.model.checkpoint
     if ckpt and is_hf_dir(ckpt):
         return convert_hf(Path(ckpt), cfg)
+    if is_gguf(ckpt):
+        return convert_gguf(Path(ckpt), cfg)
     if ckpt:
         if not Path(ckpt).is_file():
             raise ModelError(f"model.checkpoint: {ckpt} not found (a MindSpore .ckpt or a Hugging Face folder)")
@@ -73,7 +78,7 @@ def pack_corpus(docs: list[str], tok, seq_length: int) -> np.ndarray:
     """bos doc eos bos doc eos ... cut into rows of seq_length + 1 tokens (nanoGPT-style packing)."""
     stream = []
     for d in docs:
-        stream += [tok.bos_id] + tok.encode(d) + [tok.eos_id]
+        stream += tok.prefix + tok.encode(d) + [tok.eos_id]
     n = len(stream) // (seq_length + 1)
     return np.asarray(stream[:n * (seq_length + 1)], np.int32).reshape(n, seq_length + 1)
 
@@ -92,6 +97,23 @@ def pretrain(net, corpus: list[str], cfg, tok, tracker) -> None:
                                   Schedule(batch_size=pre.batch_size, epochs=pre.epochs, seed=cfg.seed),
                                   opt_cfg, cfg.hardware, tracker, metric_prefix="pretrain_", desc="pretrain base"))
     tracker.log_metrics({"pretrain_loss_last": stats["loss_last"]})
+
+
+def convert_gguf(file: Path, cfg) -> tuple[Path, str]:
+    """A GGUF file's weights dequantized to a float32 MindFormers-named checkpoint, converted once and
+    cached (keyed by the file's name, size and time)."""
+    if not file.is_file():
+        raise ModelError(f"model.checkpoint: GGUF file {file} not found")
+    st = file.stat()
+    key = hashlib.sha256(f"{file.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    cached = Path(cfg.output_root).resolve() / "cache" / "converted" / f"{file.stem}-{key}.ckpt"
+    if cached.is_file():
+        log.info("base model: converted %s from the cache, %s", file, cached)
+        return cached, "converted (cached)"
+    state = to_mindformers(load_gguf_state(file), cfg.model.num_layers, cfg.model.tie_word_embeddings)
+    save_checkpoint(list(state.items()), cached)
+    log.info("base model: dequantized %s -> %s", file, cached)
+    return cached, "converted"
 
 
 def convert_hf(folder: Path, cfg) -> tuple[Path, str]:

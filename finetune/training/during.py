@@ -42,7 +42,7 @@ def general_texts(cfg, prepared: Path, limit: int) -> list[str]:
 
 
 def text_rows(texts: list[str], tok, seq_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """[bos] text [eos] rows as prepared data is laid out ([N, seq_length + 1] ids and labels), the
+    """prefix text [eos] rows ([bos] text [eos] for most tokenizers) as prepared data is laid out ([N, seq_length + 1] ids and labels), the
     loss on every text token; a text longer than the window keeps its start."""
     from finetune.data.records import IGNORE_ID
 
@@ -50,9 +50,10 @@ def text_rows(texts: list[str], tok, seq_length: int) -> tuple[np.ndarray, np.nd
     ids = np.full((len(texts), n), tok.pad_id, np.int32)
     labels = np.full((len(texts), n), IGNORE_ID, np.int32)
     for i, text in enumerate(texts):
-        body = tok.encode(text)[:seq_length - 1] + [tok.eos_id]
-        ids[i, :len(body) + 1] = [tok.bos_id] + body
-        labels[i, 1:len(body) + 1] = body
+        body = tok.encode(text)[:seq_length - len(tok.prefix)] + [tok.eos_id]
+        row = tok.prefix + body
+        ids[i, :len(row)] = row
+        labels[i, len(tok.prefix):len(row)] = body
     return ids, labels
 
 
