@@ -229,6 +229,26 @@ def test_gguf_metadata_weights_and_tokenizer(tmp_path):
     assert tok.wrap([7]) == tk.encode("<|im_start|>user\n").ids + [7] + tk.encode("<|im_end|>\n<|im_start|>assistant\n").ids
 
 
+def test_a_gguf_tokenizer_written_as_tokenizer_json_reads_back_the_same(tmp_path):
+    """What export and the logged MLflow model write for a GGUF file's tokenizer: a tokenizer.json
+    folder that the tool and transformers read to the same ids, pad and chat turn."""
+    from transformers import AutoTokenizer
+
+    from finetune.data.hf_tokenizer import hf_tokenizer_files
+
+    _write_gguf(tmp_path / "m.gguf")
+    tok = load_tokenizer("hf", str(tmp_path / "m.gguf"))
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name, data in hf_tokenizer_files(tok, 256).items():
+        (folder / name).write_bytes(data)
+    back, theirs = load_tokenizer("hf", str(folder)), AutoTokenizer.from_pretrained(folder)
+    assert back.encode(TEXT) == tok.encode(TEXT) == theirs.encode(TEXT)
+    assert (back.eos_id, back.pad_id, back.wrap([7])) == (tok.eos_id, tok.pad_id, tok.wrap([7]))
+    assert theirs.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True) == \
+        tok.wrap(tok.encode("Hi"))
+
+
 def test_gguf_qwen2_keeps_rows_and_biases(tmp_path):
     from finetune.model.gguf import load_gguf_state
 

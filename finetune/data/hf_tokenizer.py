@@ -53,7 +53,7 @@ class HFTokenizer:
         # The model reads padding from the ids (MindFormers masks every key equal to pad_token_id), so the
         # pad id must never stand for a real token of a prompt. Chat models often pad with EOS, which a
         # chat turn contains (SmolLM2: <|im_end|>): pad with a special token the prompts never use.
-        used = {self.eos_id, *self.wrap([])}
+        used = set(self.wrap([]))
         if self.pad_id in used:
             spare = sorted(i for i, t in tk.get_added_tokens_decoder().items() if t.special and i not in used
                            and i != self.bos_id)
@@ -92,6 +92,19 @@ class HFTokenizer:
 
     def token(self, i: int | None) -> str:
         return "" if i is None else self.tk.id_to_token(i)
+
+
+def hf_tokenizer_files(tok: HFTokenizer, seq_length: int) -> dict[str, bytes]:
+    """tokenizer.json + tokenizer_config.json (its special tokens and chat template) for a folder that
+    transformers and load_hf_tokenizer read back to the same ids."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.token(tok.eos_id),
+              "pad_token": tok.token(tok.pad_id), "model_max_length": seq_length}
+    if tok.bos_id is not None:
+        config["bos_token"] = tok.token(tok.bos_id)
+    if tok.chat_template is not None:
+        config["chat_template"] = tok.chat_template
+    return {"tokenizer.json": tok.tk.to_str().encode(),
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False).encode()}
 
 
 def render_template(template: str, messages: list[dict], add_generation_prompt: bool, bos: str, eos: str) -> str:

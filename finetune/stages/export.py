@@ -139,14 +139,9 @@ def tokenizer_files(tok_cfg, tok, seq_length: int) -> dict[str, bytes]:
         return {"tokenizer.json": bpe_tokenizer_json(ranks, specials, PAT_STR).encode(),
                 "tokenizer_config.json": json.dumps(config, indent=2).encode()}
     if tok_cfg.kind == "hf":   # the tokenizer the model came with, as transformers reads it
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.token(tok.eos_id),
-                  "pad_token": tok.token(tok.pad_id), "model_max_length": seq_length}
-        if tok.bos_id is not None:
-            config["bos_token"] = tok.token(tok.bos_id)
-        if tok.chat_template is not None:
-            config["chat_template"] = tok.chat_template
-        return {"tokenizer.json": tok.tk.to_str().encode(),
-                "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False).encode()}
+        from finetune.data.hf_tokenizer import hf_tokenizer_files
+
+        return hf_tokenizer_files(tok, seq_length)
     raise ModelError(f"model.tokenizer.kind: cannot export tokenizer kind {tok_cfg.kind!r}")
 
 

@@ -118,7 +118,15 @@ def log_merged_model(ctx, merged: Path) -> dict:
                                          "style": cfg.dataset.style, "seed": cfg.seed,
                                          "batch_size": cfg.predict.batch_size}), config)
         artifacts = {"checkpoint": str(merged), "config": str(config)}
-        if cfg.model.tokenizer.path:
+        if cfg.model.tokenizer.kind == "hf":   # the tokenizer as a tokenizer.json folder (not the GGUF it came in)
+            from finetune.data.hf_tokenizer import hf_tokenizer_files
+
+            folder = Path(tmp) / "tokenizer"
+            folder.mkdir()
+            for name, data in hf_tokenizer_files(ctx.tok, cfg.model.seq_length).items():
+                (folder / name).write_bytes(data)
+            artifacts["tokenizer"] = str(folder)
+        elif cfg.model.tokenizer.path:
             tok_copy = Path(tmp) / Path(cfg.model.tokenizer.path).name
             shutil.copy(cfg.model.tokenizer.path, tok_copy)
             artifacts["tokenizer"] = str(tok_copy)
