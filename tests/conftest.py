@@ -113,7 +113,7 @@ def reference_run(shared_tmp, quick_cache, new_store) -> Path:
 # pytest-xdist (`make test`: two workers, --dist loadfile) hands out whole modules in collection
 # order, a new one to whichever worker is free. Longest first (measured: minutes each), so that no
 # worker is left alone with a long module at the end.
-LONGEST_FIRST = ("test_pipeline", "test_parallel", "test_sweep", "test_server", "test_resume", "test_train_eval",
+LONGEST_FIRST = ("test_real_model", "test_pipeline", "test_parallel", "test_sweep", "test_server", "test_resume", "test_train_eval",
                  "test_hf_import", "test_run_options", "test_health", "test_bench_smoke", "test_merge_export",
                  "test_concurrency")
 

