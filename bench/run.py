@@ -655,11 +655,15 @@ def memory(ctx: dict) -> dict:
     s, work = ctx["settings"], ctx["work"] / "memory"
     m = s["memory"]
     sizes = [size for size in m["sizes"] if size in ctx.get("sizes", m["sizes"])]
-    out = {}
+    # --jobs NAME,...: only those rows run again; the others keep their figures from --out's memory.json
+    previous = ctx["out"] / "memory.json"
+    out = json.loads(previous.read_text()).get("rows", {}) if ctx.get("jobs") and previous.is_file() else {}
     for size in sizes:
         for tokenizer in m["tokenizers"]:
             for dataset in m["datasets"]:
                 name = f"{size}-{tokenizer}-{dataset}"
+                if ctx.get("jobs") and name not in ctx["jobs"]:
+                    continue
                 root = work / name
                 _clean(root)
                 overrides = [f"dataset={dataset}", f"dataset.path={SHARED / 'data' / dataset}", *m["data"],
@@ -677,6 +681,7 @@ def memory(ctx: dict) -> dict:
                     continue
                 stages = ("prepare", "train", "evaluate")
                 out[name] = {
+                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
                     "status": "stopped at the memory cap" if measured["killed_at_cap"] else summary.get("status"),
                     # GB of 1e9 bytes, as summary.json's stage peaks (run_measured gives GiB)
                     "seconds": measured["seconds"], "peak_rss_gb": measured["peak_rss_gb"] * 2 ** 30 / 1e9,
@@ -884,6 +889,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=WORK, help="scratch folder (default bench/work)")
     parser.add_argument("--sizes", default=None, help="train/mfu: comma-separated sizes (default: all)")
     parser.add_argument("--profile", action="store_true", help="prepare: cProfile of prepare() into its JSON")
+    parser.add_argument("--jobs", default=None,
+                        help="memory: comma-separated rows (e.g. 128m-cl100k-cmmlu) to run again; the others are kept")
     parser.add_argument("--memory-cap", type=float, default=MEMORY_CAP["gb"],
                         help=f"GB: a process passing it is stopped (default {MEMORY_CAP['gb']})")
     args = parser.parse_args(argv)
@@ -898,6 +905,7 @@ def main(argv=None) -> int:
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     names = list(BENCHES) if args.which == "all" else [args.which]
     ctx = {"settings": settings, "work": args.work.resolve(), "smoke": args.smoke, "profile": args.profile,
+           "out": args.out, "jobs": args.jobs.split(",") if args.jobs else None,
            "sizes": args.sizes.split(",") if args.sizes else list(settings["sizes"])}
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}

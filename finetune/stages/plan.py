@@ -189,8 +189,9 @@ def compiled_graphs(cfg, prepared: Path | None, tok) -> dict[str, dict]:
     Exact for the data it will see when the data is prepared (a plan run after `prepare`, or with
     it in stages); otherwise the most any data could need (exact=False).
 
-    train: packed rows have one shape: one graph (two with gradient accumulation: the accumulating
-    micro-step and the updating step); unpacked, one per length bucket its batches meet. evaluate:
+    train: packed rows have one shape: one graph (two with gradient accumulation, hardware.
+    micro_batch_tokens included: the micro-step, the only one holding activations, and the small
+    update); unpacked, one per length bucket its batches meet. evaluate:
     letter scoring at the power-of-two lengths its prompt batches need; greedy generation (SQuAD,
     eval.mc.method=generate) a prefill and a one-token step graph per cache length. predict: as
     evaluate's letter scoring on its input."""

@@ -107,14 +107,17 @@ def make_optimizer(params, opt_cfg, total_steps: int):
 
 
 def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int, world: int = 1):
-    """(micro_step, step, scaler) for one optimizer step over `accumulation` micro-batches.
+    """(micro_step, step, apply, scaler) for one optimizer step over `accumulation` micro-batches.
     `net(*inputs)` returns the loss: the model itself (input_ids, labels), or forward.answer_loss_cell.
 
-    micro_step(*inputs) -> scaled loss: adds this micro-batch's gradients to fp32 buffers.
-    step(*inputs) -> (scaled loss, grad norm, finite): the last micro-batch; averages the buffered
-    gradients, unscales, checks for overflow, clips, updates (skipped on overflow), clears.
-    Everything stays inside jit graphs: handing gradient tuples from one jit call to another
-    costs ~2.5 s per step on CPU here, against ~0.35 s for the whole fused step.
+    accumulation == 1: step(*inputs) -> (scaled loss, grad norm, finite): gradients, unscale, the
+    overflow check, clipping and the update (skipped on overflow) in one fused graph.
+    accumulation > 1: micro_step(*inputs) -> scaled loss, for every micro-batch: adds its gradients
+    to fp32 buffers (Parameters, so no gradient tuple is handed from one jit call to another: that
+    costs ~2.5 s per step on CPU here, against ~0.35 s for the whole fused step); then apply() ->
+    (grad norm, finite) averages the buffers and does the rest. Only micro_step holds activations:
+    one such graph, not two (a graph keeps its buffers for the life of the process, and at
+    seq_length 2048 the 128M model's training graph holds ~15 GB on CPU).
 
     Data parallel (world > 1, msrun workers after communication.init()): gradients and loss are
     averaged over the ranks with AllReduce inside the same graph, before unscaling, the overflow
@@ -141,22 +144,8 @@ def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int, wor
 
     allreduce = ops.AllReduce() if world > 1 else None   # sum over ranks
 
-    @ms.jit
-    def micro_step(*inputs):
-        loss, grads = grad_fn(*inputs)
-        for buf, g in zip(buffers, grads):
-            ops.assign_add(buf, g.astype(ms.float32))
-        if world > 1:
-            loss = allreduce(loss) / world
-        return loss
-
-    @ms.jit
-    def step(*inputs):
-        loss, grads = grad_fn(*inputs)
-        if accumulation > 1:
-            grads = tuple((buf + g.astype(ms.float32)) / accumulation for buf, g in zip(buffers, grads))
-            for buf in buffers:
-                ops.assign(buf, ops.zeros_like(buf))
+    def update(loss, grads):
+        """All ranks' mean, unscale, overflow check, norm, clipping, the optimizer (if finite)."""
         if world > 1:
             loss = allreduce(loss) / world
             grads = tuple(allreduce(g) / world for g in grads)
@@ -172,7 +161,30 @@ def make_step(net, opt, loss_scale, max_grad_norm: float, accumulation: int, wor
             scaler.adjust(finite)
         return loss, norm, finite
 
-    return micro_step, step, scaler
+    @ms.jit
+    def micro_step(*inputs):
+        loss, grads = grad_fn(*inputs)
+        for buf, g in zip(buffers, grads):
+            ops.assign_add(buf, g.astype(ms.float32))
+        if world > 1:
+            loss = allreduce(loss) / world
+        return loss
+
+    @ms.jit
+    def step(*inputs):
+        loss, grads = grad_fn(*inputs)
+        return update(loss, grads)
+
+    @ms.jit
+    def apply():
+        grads = tuple(buf / accumulation for buf in buffers)
+        for buf in buffers:
+            ops.assign(buf, ops.zeros_like(buf))
+        # the loss was averaged over the ranks by micro_step already; a zero placeholder here
+        _, norm, finite = update(ops.zeros((), ms.float32), grads)
+        return norm, finite
+
+    return micro_step, step, apply, scaler
 
 
 def batch_order(num_batches: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
@@ -251,7 +263,7 @@ def run_steps(job: TrainingJob) -> dict:
     params = [p for p in net.get_parameters() if p.requires_grad]
     opt, lr_schedule = make_optimizer(params, opt_cfg, total)
     loss_net = feed.loss_cell(net)
-    micro_step, full_step, scaler = make_step(loss_net, opt, job.hardware.loss_scale, opt_cfg.max_grad_norm,
+    micro_step, full_step, apply_step, scaler = make_step(loss_net, opt, job.hardware.loss_scale, opt_cfg.max_grad_norm,
                                               accumulation, job.world)
     state = optimizer_state(opt, scaler)
     start = 0
@@ -281,17 +293,21 @@ def run_steps(job: TrainingJob) -> dict:
         for m in range(accumulation):
             arrays, n_processed, n_real = feed.micro(k, m, batch_size, accumulation)
             processed += n_processed
-            # a new shape (or the first micro-step graph): this step compiles a graph
-            key = (m < accumulation - 1, arrays[0].shape)
+            # a new shape (the fused step's, or the micro-step's): this step compiles a graph
+            key = (accumulation > 1, arrays[0].shape)
             compiled |= key not in shapes
             shapes.add(key)
             inputs = tuple(ms.Tensor(a) for a in arrays)
-            if m < accumulation - 1:
+            if accumulation > 1:
                 loss = micro_step(*inputs)
             else:
                 loss, norm, finite = full_step(*inputs)
             loss_sum += float(loss.asnumpy().item()) / scale
             step_tokens += n_real
+        if accumulation > 1:
+            compiled |= ("apply",) not in shapes   # the small update graph, compiled on the first step
+            shapes.add(("apply",))
+            norm, finite = apply_step()
         dt = time.perf_counter() - t0
         all_seconds += dt
         loss_value = loss_sum / accumulation
