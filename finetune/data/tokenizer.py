@@ -27,7 +27,22 @@ _PROMPT_TEXT = ("The following are multiple choice questions (with answers) abou
                 "以下是关于的单项选择题，请直接给出正确答案的选项。题目：答案是：")
 
 
-class SentencePieceTokenizer:
+class PlainPrompts:
+    """Prompts without a chat template: [bos] + the prompt's ids; an answer ends with EOS."""
+    chat = False
+
+    @property
+    def prefix(self) -> list[int]:
+        return [self.bos_id]
+
+    def wrap(self, content_ids: list[int]) -> list[int]:
+        return [self.bos_id] + content_ids
+
+    def answer_ids(self, text: str) -> list[int]:
+        return self.encode(text) + [self.eos_id]
+
+
+class SentencePieceTokenizer(PlainPrompts):
     def __init__(self, path: str | Path):
         import sentencepiece as spm
 
@@ -53,20 +68,8 @@ class SentencePieceTokenizer:
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
 
-    chat = False
 
-    @property
-    def prefix(self) -> list[int]:
-        return [self.bos_id]
-
-    def wrap(self, content_ids: list[int]) -> list[int]:
-        return [self.bos_id] + content_ids
-
-    def answer_ids(self, text: str) -> list[int]:
-        return self.encode(text) + [self.eos_id]
-
-
-class TiktokenTokenizer:
+class TiktokenTokenizer(PlainPrompts):
     def __init__(self, ranks: dict[bytes, int], name: str):
         import tiktoken
 
@@ -85,18 +88,6 @@ class TiktokenTokenizer:
     def decode(self, ids) -> str:
         specials = {self.bos_id, self.eos_id, self.pad_id}
         return self.enc.decode([int(i) for i in ids if int(i) not in specials])
-
-    chat = False
-
-    @property
-    def prefix(self) -> list[int]:
-        return [self.bos_id]
-
-    def wrap(self, content_ids: list[int]) -> list[int]:
-        return [self.bos_id] + content_ids
-
-    def answer_ids(self, text: str) -> list[int]:
-        return self.encode(text) + [self.eos_id]
 
 
 def read_tiktoken_file(path: str | Path) -> dict[bytes, int]:

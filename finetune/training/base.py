@@ -101,19 +101,12 @@ def pretrain(net, corpus: list[str], cfg, tok, tracker) -> None:
 
 def convert_gguf(file: Path, cfg) -> tuple[Path, str]:
     """A GGUF file's weights dequantized to a float32 MindFormers-named checkpoint, converted once and
-    cached (keyed by the file's name, size and time)."""
+    cached (keyed by the file's path, size and time)."""
     if not file.is_file():
         raise ModelError(f"model.checkpoint: GGUF file {file} not found")
     st = file.stat()
     key = hashlib.sha256(f"{file.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    cached = Path(cfg.output_root).resolve() / "cache" / "converted" / f"{file.stem}-{key}.ckpt"
-    if cached.is_file():
-        log.info("base model: converted %s from the cache, %s", file, cached)
-        return cached, "converted (cached)"
-    state = to_mindformers(load_gguf_state(file), cfg.model.num_layers, cfg.model.tie_word_embeddings)
-    save_checkpoint(list(state.items()), cached)
-    log.info("base model: dequantized %s -> %s", file, cached)
-    return cached, "converted"
+    return _converted(file, f"{file.stem}-{key}", load_gguf_state, cfg)
 
 
 def convert_hf(folder: Path, cfg) -> tuple[Path, str]:
@@ -124,11 +117,17 @@ def convert_hf(folder: Path, cfg) -> tuple[Path, str]:
     for f in sorted(folder.iterdir()):
         if f.is_file():
             h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-    cached = Path(cfg.output_root).resolve() / "cache" / "converted" / f"{folder.name}-{h.hexdigest()[:12]}.ckpt"
+    return _converted(folder, f"{folder.name}-{h.hexdigest()[:12]}", load_hf_state, cfg)
+
+
+def _converted(source: Path, name: str, load, cfg) -> tuple[Path, str]:
+    """output_root/cache/converted/<name>.ckpt: load(source) (Hugging Face tensor names) renamed to
+    MindFormers' and saved, unless it is there already."""
+    cached = Path(cfg.output_root).resolve() / "cache" / "converted" / f"{name}.ckpt"
     if cached.is_file():
-        log.info("base model: converted %s from the cache, %s", folder, cached)
+        log.info("base model: converted %s from the cache, %s", source, cached)
         return cached, "converted (cached)"
-    state = to_mindformers(load_hf_state(folder), cfg.model.num_layers, cfg.model.tie_word_embeddings)
+    state = to_mindformers(load(source), cfg.model.num_layers, cfg.model.tie_word_embeddings)
     save_checkpoint(list(state.items()), cached)
-    log.info("base model: converted %s -> %s", folder, cached)
+    log.info("base model: converted %s -> %s", source, cached)
     return cached, "converted"
