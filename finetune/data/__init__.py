@@ -6,6 +6,7 @@ The names below are the package's face: what stages and the entrypoint import.""
 from finetune.data.batches import bucket, eval_bucket, eval_buckets, row_lengths
 from finetune.data.inputs import check_input_files, is_multiple_choice, read_predict_input
 from finetune.data.mindrecord import read_all_shards, read_shards
+from finetune.data.hf_tokenizer import hf_tokenizer_files
 from finetune.data.packing import micro_batches, pack, pad_fraction, rows_per_step
 from finetune.data.prepare import prepare
 from finetune.data.prepared import TRAIN_RECORDS, alpaca_file, dataset_squad, load_meta, load_questions
@@ -26,6 +27,7 @@ __all__ = [
     "eval_bucket",
     "eval_buckets",
     "first_per_paragraph",
+    "hf_tokenizer_files",
     "is_multiple_choice",
     "load_meta",
     "load_questions",

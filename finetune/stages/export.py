@@ -139,7 +139,7 @@ def tokenizer_files(tok_cfg, tok, seq_length: int) -> dict[str, bytes]:
         return {"tokenizer.json": bpe_tokenizer_json(ranks, specials, PAT_STR).encode(),
                 "tokenizer_config.json": json.dumps(config, indent=2).encode()}
     if tok_cfg.kind == "hf":   # the tokenizer the model came with, as transformers reads it
-        from finetune.data.hf_tokenizer import hf_tokenizer_files
+        from finetune.data import hf_tokenizer_files
 
         return hf_tokenizer_files(tok, seq_length)
     raise ModelError(f"model.tokenizer.kind: cannot export tokenizer kind {tok_cfg.kind!r}")
