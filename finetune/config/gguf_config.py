@@ -18,7 +18,9 @@ def is_gguf(path) -> bool:
 
 
 @lru_cache(maxsize=4)
-def _fields(path: str, mtime_ns: int) -> dict:
+def _read(path: str, mtime_ns: int) -> tuple:
+    """(the reader, its fields) once per file and process: parsing a GGUF file's metadata takes
+    seconds (SmolLM2's 49,152 tokens and 48,900 merges: 7-12 s here)."""
     import gguf
 
     try:
@@ -27,15 +29,24 @@ def _fields(path: str, mtime_ns: int) -> dict:
         raise ModelError(f"model.checkpoint: {path} is not a readable GGUF file ({' '.join(str(e).split())[:160]})") from None
     out = {name: field.contents() for name, field in reader.fields.items()}
     out["_tensors"] = {t.name: (tuple(int(n) for n in t.shape), t.tensor_type.name) for t in reader.tensors}
-    return out
+    return reader, out
+
+
+def _parsed(path) -> tuple:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model.checkpoint: GGUF file {path} not found")
+    return _read(str(path.resolve()), path.stat().st_mtime_ns)
+
+
+def gguf_reader(path):
+    """The gguf package's reader of a GGUF file (its tensors: finetune/model/gguf.py)."""
+    return _parsed(path)[0]
 
 
 def gguf_fields(path) -> dict:
     """Every metadata field of a GGUF file ({name: value}) plus `_tensors`: {name: (shape, type)}."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model.checkpoint: GGUF file {path} not found")
-    return _fields(str(path.resolve()), path.stat().st_mtime_ns)
+    return _parsed(path)[1]
 
 
 def read_gguf_config(path) -> dict:

@@ -63,8 +63,10 @@ def read_hf_config(path: str | Path) -> dict:
 def checkpoint_tokenizer(checkpoint: str | Path) -> dict | None:
     """{kind, path} of the tokenizer a checkpoint carries: a GGUF file's vocabulary, an HF folder's
     tokenizer.json (kind hf) or tokenizer.model (sentencepiece); None when it carries none."""
+    from finetune.config.gguf_config import is_gguf
+
     path = Path(checkpoint)
-    if path.suffix == ".gguf":
+    if is_gguf(path):
         return {"kind": "hf", "path": str(path)}
     if path.is_dir():
         if (path / "tokenizer.json").is_file():

@@ -35,7 +35,7 @@ def load_gguf_state(path: str | Path) -> dict[str, np.ndarray]:
     """Every tensor of a GGUF file as float32 under its Hugging Face Llama name."""
     import gguf
 
-    from finetune.config.gguf_config import gguf_fields, read_gguf_config
+    from finetune.config.gguf_config import gguf_fields, gguf_reader, read_gguf_config
 
     path = Path(path)
     model = read_gguf_config(path)
@@ -44,7 +44,7 @@ def load_gguf_state(path: str | Path) -> dict[str, np.ndarray]:
     permuted = {"attn_q": model["num_heads"], "attn_k": model["n_kv_heads"] or model["num_heads"]} \
         if arch == "llama" else {}
     out = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
+    for t in gguf_reader(path).tensors:
         m = _BLOCK.match(t.name)
         if t.name in TOP:
             name, part = TOP[t.name], None

@@ -253,16 +253,12 @@ def compiled_graphs(cfg, prepared: Path | None, tok) -> dict[str, dict]:
 
 
 def packed_micro_steps(cfg, prepared: Path, tok) -> int:
-    """Micro-steps per optimizer step of the packed train stage on this prepared data (as
-    stages/train.py: rows per step, then hardware.micro_batch_tokens)."""
-    from finetune.data import TRAIN_RECORDS, micro_batches, pack, read_all_shards, rows_per_step
+    """Micro-steps per optimizer step of the packed train stage on this prepared data."""
+    from finetune.data import TRAIN_RECORDS, pack, read_all_shards
+    from finetune.training import packed_step_rows
 
     ids, labels = read_all_shards(prepared / TRAIN_RECORDS, cfg.parallel.data_parallel)
-    packed = pack(ids, labels, tok.pad_id, cfg.model.seq_length, cfg.seed)
-    parts = cfg.parallel.data_parallel * cfg.parallel.gradient_accumulation_steps
-    rows = rows_per_step(cfg.train.batch_size * parts, len(ids), len(packed), parts)
-    return cfg.parallel.gradient_accumulation_steps * micro_batches(rows, cfg.model.seq_length,
-                                                                      cfg.hardware.micro_batch_tokens)[1]
+    return packed_step_rows(cfg, len(ids), len(pack(ids, labels, tok.pad_id, cfg.model.seq_length, cfg.seed)))[2]
 
 
 def _group(name: str) -> str:

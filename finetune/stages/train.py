@@ -7,8 +7,7 @@ import logging
 from pathlib import Path
 
 from finetune import rundir
-from finetune.data import (TRAIN_RECORDS, micro_batches, pack, pad_fraction, read_all_shards, read_shards,
-                           rows_per_step)
+from finetune.data import TRAIN_RECORDS, pack, pad_fraction, read_all_shards, read_shards
 from finetune.model import apply_lora, count_params, load_adapter, param_summary, save_adapter, save_checkpoint
 from finetune.training import (
     Schedule,
@@ -16,6 +15,7 @@ from finetune.training import (
     add_to_index,
     check_fresh_run_dir,
     packed_feed,
+    packed_step_rows,
     read_rows,
     resume_point,
     row_feed,
@@ -40,10 +40,8 @@ def train(ctx) -> dict:
         ids, labels = read_all_shards(records, dp)
         packed = pack(ids, labels, ctx.tok.pad_id, cfg.model.seq_length, cfg.seed)
         feed = packed_feed(packed, r, dp)
-        parts = dp * cfg.parallel.gradient_accumulation_steps
-        rows = rows_per_step(cfg.train.batch_size * parts, len(ids), len(packed), parts)
-        batch, extra = micro_batches(rows, cfg.model.seq_length, cfg.hardware.micro_batch_tokens)
-        accumulation *= extra
+        rows, batch, accumulation = packed_step_rows(cfg, len(ids), len(packed))
+        extra = accumulation // cfg.parallel.gradient_accumulation_steps
         log.info("packed %d examples into %d rows of %d positions (%.2f per row, %.1f%% padding); "
                  "train.batch_size=%d examples -> %d row(s) per device per step%s", len(ids), len(packed),
                  cfg.model.seq_length, len(ids) / len(packed), 100 * pad_fraction(packed), cfg.train.batch_size,

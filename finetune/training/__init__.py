@@ -14,7 +14,15 @@ from finetune.training.checkpoints import (
     write_run_record,
 )
 from finetune.training.during import DuringTraining
-from finetune.training.loop import Schedule, TrainingJob, packed_feed, row_feed, run_steps, total_steps
+from finetune.training.loop import (
+    Schedule,
+    TrainingJob,
+    packed_feed,
+    packed_step_rows,
+    row_feed,
+    run_steps,
+    total_steps,
+)
 from finetune.training.train_log import read_rows
 
 __all__ = [
@@ -24,6 +32,7 @@ __all__ = [
     "add_to_index",
     "check_fresh_run_dir",
     "packed_feed",
+    "packed_step_rows",
     "read_index",
     "read_rows",
     "resolve_base",

@@ -219,6 +219,20 @@ def load_optimizer_state(state: list, path: Path) -> None:
         p.set_data(ms.Tensor(saved[name], p.dtype))
 
 
+def packed_step_rows(cfg, examples: int, rows: int) -> tuple[int, int, int]:
+    """For `examples` prepared examples packed into `rows` rows: (rows per device per optimizer
+    step, rows per micro-step, micro-steps per optimizer step): train.batch_size examples per
+    device (data/packing.rows_per_step), cut to hardware.micro_batch_tokens positions per micro-step
+    (data/packing.micro_batches) on top of parallel.gradient_accumulation_steps."""
+    from finetune.data import micro_batches, rows_per_step
+
+    accumulation = cfg.parallel.gradient_accumulation_steps
+    parts = cfg.parallel.data_parallel * accumulation
+    per_step = rows_per_step(cfg.train.batch_size * parts, examples, rows, parts)
+    per_micro, extra = micro_batches(per_step, cfg.model.seq_length, cfg.hardware.micro_batch_tokens)
+    return per_step, per_micro, accumulation * extra
+
+
 def total_steps(rows: int, rows_per_step: int, epochs: int, max_steps: int | None) -> int:
     """Optimizer steps of a run: whole steps per epoch (this rank's rows) x epochs, capped by max_steps."""
     total = rows // rows_per_step * epochs
