@@ -677,7 +677,8 @@ def memory(ctx: dict) -> dict:
                 try:
                     summary, measured = finetune(overrides, root / "run", root, may_exceed_cap=True)
                 except Exception as e:   # a failed job is a row of the table, not the end of the benchmark
-                    out[name] = {"status": "FAILED", "error": str(e)[-1500:]}
+                    # the head says how it ended ("exit -9: ..." is the kernel's OOM killer), the tail its log
+                    out[name] = {"status": "FAILED", "error": f"{str(e)[:200]} ... {str(e)[-1200:]}"}
                     continue
                 stages = ("prepare", "train", "evaluate")
                 out[name] = {
@@ -831,7 +832,7 @@ def tables(results: dict) -> str:
                   "| rows per step / micro-steps | examples per row |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in mem["rows"].items():
             if "error" in r:
-                lines.append(f"| {name} | FAILED: {r['error'].splitlines()[-1][:120]} | | | | | |")
+                lines.append(f"| {name} | FAILED: {r['error'].split(':', 1)[0][:60]} | | | | | |")
                 continue
             peaks = " / ".join(_f(r.get(f"{st}_peak_rss_gb"), 1) for st in ("prepare", "train", "evaluate"))
             lines.append(f"| {name} | {r['status']} | {_f(r['seconds'] / 60)} | {_f(r['peak_rss_gb'], 1)} | {peaks} "
