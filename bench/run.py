@@ -832,7 +832,8 @@ def tables(results: dict) -> str:
                   "| rows per step / micro-steps | examples per row |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in mem["rows"].items():
             if "error" in r:
-                lines.append(f"| {name} | FAILED: {r['error'].split(':', 1)[0][:60]} | | | | | |")
+                how = r["error"].split(":", 1)[0]   # "exit -9" when the run's head is kept
+                lines.append(f"| {name} | FAILED{f' ({how})' if how.startswith('exit') else ''} | | | | | |")
                 continue
             peaks = " / ".join(_f(r.get(f"{st}_peak_rss_gb"), 1) for st in ("prepare", "train", "evaluate"))
             lines.append(f"| {name} | {r['status']} | {_f(r['seconds'] / 60)} | {_f(r['peak_rss_gb'], 1)} | {peaks} "
